@@ -302,6 +302,18 @@ def make_batch(pairs, vocab_size, gen, mask_prob=0.15, pad_to=1):
 # ----------------------------------------------------------------------------- model
 
 
+def dropout(x, p, training):
+    """F.dropout, with a cheaper mask on the CPU. torch's CPU bernoulli_ draws one random number at a
+    time (~8 ns each); here each 64-bit draw is cut into four 16-bit ones, each kept when >= a
+    threshold: P(keep) = 1 - p to within 2^-16, 2.5x faster, and seeded by torch's generator as usual."""
+    if not training or p == 0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1).view(torch.int16)
+    keep = bits[:n].view(x.shape) >= round(p * 65536) - 32768
+    return torch.where(keep, x * (1 / (1 - p)), 0.0)
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -309,12 +321,12 @@ class Embeddings(nn.Module):
         self.pos = nn.Embedding(cfg.max_position, cfg.hidden)  # learned, not sinusoidal
         self.seg = nn.Embedding(2, cfg.hidden)  # sentence A or B
         self.ln = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.p = cfg.dropout
 
     def forward(self, ids, seg):
         T = ids.size(1)
         x = self.tok(ids) + self.pos.weight[:T] + self.seg(seg)  # (B, T, H)
-        return self.drop(self.ln(x))
+        return dropout(self.ln(x), self.p, self.training)
 
 
 class SelfAttention(nn.Module):
@@ -343,11 +355,37 @@ class Layer(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden, cfg.ffn)
         self.fc2 = nn.Linear(cfg.ffn, cfg.hidden)
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.p = cfg.dropout
 
     def forward(self, x, mask):
-        x = self.ln1(x + self.drop(self.attn(x, mask)))  # (B, T, H)
-        return self.ln2(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))  # (B, T, H); exact erf GELU
+        x = self.ln1(x + dropout(self.attn(x, mask), self.p, self.training))  # (B, T, H)
+        h = self.fc2(F.gelu(self.fc1(x)))  # (B, T, H); exact erf GELU, as in the paper's code
+        return self.ln2(x + dropout(h, self.p, self.training))  # (B, T, H)
+
+
+class DecoderCrossEntropy(torch.autograd.Function):
+    """The MLM decoder and its cross-entropy in one step: (h, W, b, target) -> (loss, logits).
+
+    Autograd's own path zero-fills an (M, V) gradient, scatters into it and runs log_softmax's
+    backward over it; but the gradient of the mean cross-entropy w.r.t. the logits is simply
+    (softmax - onehot) / M, one pass over (M, V). The 1 / M goes on the small operands instead.
+    """
+
+    @staticmethod
+    def forward(ctx, h, W, b, target):
+        logits = F.linear(h, W, b)  # (M, V)
+        logp = logits.float().log_softmax(-1)  # (M, V)
+        ctx.save_for_backward(h, W, logp, target)
+        ctx.mark_non_differentiable(logits)
+        return -logp.gather(1, target[:, None]).mean(), logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
+        h, W, logp, target = ctx.saved_tensors
+        d = logp.exp()  # (M, V) softmax
+        d[torch.arange(len(target)), target] -= 1  # minus the one-hot target
+        s = grad_loss / len(target)
+        return (d @ W.float()) * s, d.t() @ (h.float() * s), d.sum(0) * s, None
 
 
 class BERT(nn.Module):
@@ -377,8 +415,8 @@ class BERT(nn.Module):
             x = layer(x, mask)
         return x
 
-    def mlm_head(self, x):
-        return self.decoder(self.mlm_ln(F.gelu(self.mlm_dense(x))))  # (..., V)
+    def mlm_transform(self, x):
+        return self.mlm_ln(F.gelu(self.mlm_dense(x)))  # (..., H)
 
     def forward(self, ids, seg, mlm_labels=None, nsp_labels=None):
         """Returns MLM logits, NSP logits and, given labels, the two losses.
@@ -390,10 +428,10 @@ class BERT(nn.Module):
         x = self.encode(ids, seg)  # (B, T, H)
         nsp_logits = self.nsp(torch.tanh(self.pool(x[:, 0])))  # (B, 2)
         if mlm_labels is None:
-            return self.mlm_head(x), nsp_logits, None, None
+            return self.decoder(self.mlm_transform(x)), nsp_logits, None, None  # (B, T, V)
         sel = mlm_labels.view(-1) != -100  # (B*T,)
-        mlm_logits = self.mlm_head(x.reshape(-1, x.size(-1))[sel])  # (M, V)
-        mlm_loss = F.cross_entropy(mlm_logits.float(), mlm_labels.view(-1)[sel])
+        h = self.mlm_transform(x.reshape(-1, x.size(-1))[sel])  # (M, H)
+        mlm_loss, mlm_logits = DecoderCrossEntropy.apply(h, self.decoder.weight, self.decoder.bias, mlm_labels.view(-1)[sel])
         nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
         return mlm_logits, nsp_logits, mlm_loss, nsp_loss
 
@@ -411,7 +449,7 @@ def make_optimizer(model, cfg, device):
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weight matrices and embeddings
     other = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=True)
 
 
 def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls are far slower)

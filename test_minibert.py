@@ -471,3 +471,15 @@ def test_cli_bad_input_is_one_clean_line(cli, case):
     assert code != 0
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert BAD[case] in err
+
+
+def test_fused_decoder_cross_entropy_matches_autograd():
+    torch.manual_seed(0)
+    h, W, b = torch.randn(11, 32, requires_grad=True), torch.randn(99, 32, requires_grad=True), torch.randn(99, requires_grad=True)
+    target = torch.randint(0, 99, (11,))
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, W, b), target)
+    grads = torch.autograd.grad(3 * ref, (h, W, b))
+    loss, logits = mb.DecoderCrossEntropy.apply(h, W, b, target)
+    assert torch.allclose(loss, ref, atol=1e-6) and torch.allclose(logits, torch.nn.functional.linear(h, W, b))
+    for g, r in zip(torch.autograd.grad(3 * loss, (h, W, b)), grads):
+        assert torch.allclose(g, r, atol=1e-6)
