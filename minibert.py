@@ -364,28 +364,40 @@ class Layer(nn.Module):
 
 
 class DecoderCrossEntropy(torch.autograd.Function):
-    """The MLM decoder and its cross-entropy in one step: (h, W, b, target) -> (loss, logits).
+    """The MLM decoder and its mean cross-entropy in one step: (h, W, b, target) -> (loss, predictions).
 
-    Autograd's own path zero-fills an (M, V) gradient, scatters into it and runs log_softmax's
-    backward over it; but the gradient of the mean cross-entropy w.r.t. the logits is simply
-    (softmax - onehot) / M, one pass over (M, V). The 1 / M goes on the small operands instead.
+    Two savings over F.cross_entropy(F.linear(h, W, b), target), both about the (M, V) logits:
+    the gradient w.r.t. the logits is simply softmax - onehot, computed in place in one pass (no
+    zero-filled (M, V) gradient to scatter into); and the rows go in chunks of 256, so that no
+    tensor exceeds the 32 MB beyond which glibc hands out fresh, page-faulting memory every call.
     """
 
     @staticmethod
-    def forward(ctx, h, W, b, target):
-        logits = F.linear(h, W, b)  # (M, V)
-        logp = logits.float().log_softmax(-1)  # (M, V)
-        ctx.save_for_backward(h, W, logp, target)
-        ctx.mark_non_differentiable(logits)
-        return -logp.gather(1, target[:, None]).mean(), logits
+    def forward(ctx, h, W, b, target, chunk=256):
+        loss, preds, logps = 0.0, [], []
+        for i in range(0, len(h), chunk):
+            logits = F.linear(h[i : i + chunk], W, b)  # (chunk, V)
+            preds.append(logits.argmax(-1))
+            logps.append(logits.float().log_softmax(-1))  # (chunk, V)
+            loss = loss - logps[-1].gather(1, target[i : i + chunk, None]).sum()
+        ctx.chunk = chunk
+        ctx.save_for_backward(h, W, target, *logps)
+        preds = torch.cat(preds)
+        ctx.mark_non_differentiable(preds)
+        return loss / len(h), preds
 
     @staticmethod
     def backward(ctx, grad_loss, _):
-        h, W, logp, target = ctx.saved_tensors
-        d = logp.exp()  # (M, V) softmax
-        d[torch.arange(len(target)), target] -= 1  # minus the one-hot target
-        s = grad_loss / len(target)
-        return (d @ W.float()) * s, d.t() @ (h.float() * s), d.sum(0) * s, None
+        h, W, target, *logps = ctx.saved_tensors
+        s = grad_loss / len(h)  # the mean's 1/M, applied to the small operands
+        dh, dW, db = torch.empty(h.shape, dtype=torch.float32, device=h.device), 0, 0
+        for i, logp in zip(range(0, len(h), ctx.chunk), logps):
+            d = logp.exp_()  # (chunk, V) softmax, in place: the saved log-probabilities are used up
+            d[torch.arange(len(d)), target[i : i + len(d)]] -= 1  # minus the one-hot target
+            dh[i : i + len(d)] = d @ W.float() * s
+            dW = dW + d.t() @ (h[i : i + len(d)].float() * s)
+            db = db + d.sum(0) * s
+        return dh, dW, db, None, None
 
 
 class BERT(nn.Module):
@@ -419,11 +431,10 @@ class BERT(nn.Module):
         return self.mlm_ln(F.gelu(self.mlm_dense(x)))  # (..., H)
 
     def forward(self, ids, seg, mlm_labels=None, nsp_labels=None):
-        """Returns MLM logits, NSP logits and, given labels, the two losses.
-
-        Without labels the MLM logits cover every position, (B, T, V), for the demo. With them
-        they cover the masked positions only, (M, V) in row-major order: the V-wide decoder is
-        the largest matmul of a small BERT, and 85 % of its output would be thrown away.
+        """Without labels: MLM logits (B, T, V) and NSP logits (B, 2), for the demo and export.
+        With labels: the MLM predictions (M,) at the M masked positions (row-major order), NSP
+        logits, and the two losses. Training runs the MLM head at the masked positions only: the
+        V-wide decoder is the largest matmul of a small BERT, and 85 % of its output is unused.
         """
         x = self.encode(ids, seg)  # (B, T, H)
         nsp_logits = self.nsp(torch.tanh(self.pool(x[:, 0])))  # (B, 2)
@@ -431,9 +442,9 @@ class BERT(nn.Module):
             return self.decoder(self.mlm_transform(x)), nsp_logits, None, None  # (B, T, V)
         sel = mlm_labels.view(-1) != -100  # (B*T,)
         h = self.mlm_transform(x.reshape(-1, x.size(-1))[sel])  # (M, H)
-        mlm_loss, mlm_logits = DecoderCrossEntropy.apply(h, self.decoder.weight, self.decoder.bias, mlm_labels.view(-1)[sel])
+        mlm_loss, mlm_pred = DecoderCrossEntropy.apply(h, self.decoder.weight, self.decoder.bias, mlm_labels.view(-1)[sel])
         nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
-        return mlm_logits, nsp_logits, mlm_loss, nsp_loss
+        return mlm_pred, nsp_logits, mlm_loss, nsp_loss
 
 
 # ----------------------------------------------------------------------------- training
@@ -471,10 +482,10 @@ def evaluate(model, pairs, cfg, device, batch_size=64):
     for i in range(0, len(pairs), batch_size):
         ids, seg, labels, nsp = to_device(make_batch(pairs[i : i + batch_size], cfg.vocab_size, gen, cfg.mask_prob), device)
         with autocast(device):
-            mlm_logits, nsp_logits, loss, _ = model(ids, seg, labels, nsp)
+            mlm_pred, nsp_logits, loss, _ = model(ids, seg, labels, nsp)
         target = labels[labels != -100]
         mlm_loss += loss.item() * len(target)
-        mlm_hits += (mlm_logits.argmax(-1) == target).sum().item()
+        mlm_hits += (mlm_pred == target).sum().item()
         n_mlm += len(target)
         nsp_hits += (nsp_logits.argmax(-1) == nsp).sum().item()
     model.train(was_training)
@@ -654,9 +665,9 @@ def train_step(model, fwd, optimizer, batch, lr, grad_clip):
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(ids.device):
-        mlm_logits, nsp_logits, mlm_loss, nsp_loss = fwd(ids, seg, labels, nsp)
+        mlm_pred, nsp_logits, mlm_loss, nsp_loss = fwd(ids, seg, labels, nsp)
     loss = mlm_loss + nsp_loss  # the paper's objective: the two losses summed
-    mlm_acc = (mlm_logits.argmax(-1) == labels[labels != -100]).float().mean()
+    mlm_acc = (mlm_pred == labels[labels != -100]).float().mean()
     nsp_acc = (nsp_logits.argmax(-1) == nsp).float().mean()
     stats = torch.stack([loss.detach(), mlm_loss.detach(), nsp_loss.detach(), mlm_acc, nsp_acc]).float().cpu()
     if not stats[0].isfinite():
