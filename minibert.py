@@ -390,12 +390,13 @@ class DecoderCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _):
         h, W, target, *logps = ctx.saved_tensors
         s = grad_loss / len(h)  # the mean's 1/M, applied to the small operands
-        dh, dW, db = torch.empty(h.shape, dtype=torch.float32, device=h.device), 0, 0
+        dh, dW, db = torch.empty(h.shape, dtype=torch.float32, device=h.device), None, 0
         for i, logp in zip(range(0, len(h), ctx.chunk), logps):
             d = logp.exp_()  # (chunk, V) softmax, in place: the saved log-probabilities are used up
             d[torch.arange(len(d)), target[i : i + len(d)]] -= 1  # minus the one-hot target
+            hs = h[i : i + len(d)].float() * s  # (chunk, H)
             dh[i : i + len(d)] = d @ W.float() * s
-            dW = dW + d.t() @ (h[i : i + len(d)].float() * s)
+            dW = d.t() @ hs if dW is None else dW.addmm_(d.t(), hs)  # (V, H), accumulated in the matmul
             db = db + d.sum(0) * s
         return dh, dW, db, None, None
 
