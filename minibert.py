@@ -336,13 +336,21 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)  # query, key, value in one matmul
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, xq=None):
+        """xq: the positions that ask (default: all of x); keys and values come from all of x."""
         B, T, H = x.shape  # batch, sequence length, hidden size
-        q, k, v = self.qkv(x).split(H, dim=2)  # 3 x (B, T, H)
-        q, k, v = (t.view(B, T, self.nh, H // self.nh).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if xq is None:
+            xq = x
+            q, k, v = self.qkv(x).split(H, dim=2)  # 3 x (B, T, H)
+        else:  # the same weights, the query rows apart
+            q = F.linear(xq, self.qkv.weight[:H], self.qkv.bias[:H])  # (B, Tq, H)
+            k, v = F.linear(x, self.qkv.weight[H:], self.qkv.bias[H:]).split(H, dim=2)  # 2 x (B, T, H)
+        Tq, hs = xq.size(1), H // self.nh  # query positions, head size
+        q = q.view(B, Tq, self.nh, hs).transpose(1, 2)  # (B, nh, Tq, hs)
+        k, v = (t.view(B, T, self.nh, hs).transpose(1, 2) for t in (k, v))  # (B, nh, T, hs)
         p = self.p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, H))  # (B, T, H)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, Tq, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, Tq, H))  # (B, Tq, H)
 
 
 class Layer(nn.Module):
@@ -357,8 +365,10 @@ class Layer(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=1e-12)
         self.p = cfg.dropout
 
-    def forward(self, x, mask):
-        x = self.ln1(x + dropout(self.attn(x, mask), self.p, self.training))  # (B, T, H)
+    def forward(self, x, mask, idx=None):
+        """idx (B, Tq): compute the output at these positions only (default: all)."""
+        xq = None if idx is None else x.gather(1, idx[:, :, None].expand(-1, -1, x.size(2)))  # (B, Tq, H)
+        x = self.ln1((x if xq is None else xq) + dropout(self.attn(x, mask, xq), self.p, self.training))  # (B, Tq, H)
         h = self.fc2(F.gelu(self.fc1(x)))  # (B, T, H); exact erf GELU, as in the paper's code
         return self.ln2(x + dropout(h, self.p, self.training))  # (B, T, H)
 
@@ -421,11 +431,13 @@ class BERT(nn.Module):
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
 
-    def encode(self, ids, seg):
+    def encode(self, ids, seg, idx=None):
+        """-> hidden states (B, T, H); or (B, Tq, H) at positions idx, which the last layer alone
+        computes: its outputs elsewhere are never read, but its keys and values need every token."""
         mask = (ids != PAD)[:, None, None, :]  # (B, 1, 1, T) keys a query may attend to
         x = self.emb(ids, seg)  # (B, T, H)
-        for layer in self.layers:
-            x = layer(x, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, idx if i == len(self.layers) - 1 else None)
         return x
 
     def mlm_transform(self, x):
@@ -436,14 +448,23 @@ class BERT(nn.Module):
         With labels: the MLM predictions (M,) at the M masked positions (row-major order), NSP
         logits, and the two losses. Training runs the MLM head at the masked positions only: the
         V-wide decoder is the largest matmul of a small BERT, and 85 % of its output is unused.
+        The losses are exactly those of the full computation (test_shapes checks it).
         """
-        x = self.encode(ids, seg)  # (B, T, H)
-        nsp_logits = self.nsp(torch.tanh(self.pool(x[:, 0])))  # (B, 2)
         if mlm_labels is None:
+            x = self.encode(ids, seg)  # (B, T, H)
+            nsp_logits = self.nsp(torch.tanh(self.pool(x[:, 0])))  # (B, 2)
             return self.decoder(self.mlm_transform(x)), nsp_logits, None, None  # (B, T, V)
-        sel = mlm_labels.view(-1) != -100  # (B*T,)
-        h = self.mlm_transform(x.reshape(-1, x.size(-1))[sel])  # (M, H)
-        mlm_loss, mlm_pred = DecoderCrossEntropy.apply(h, self.decoder.weight, self.decoder.bias, mlm_labels.view(-1)[sel])
+        # Training reads the last layer at [CLS] and the ~15 % masked positions only, so it runs
+        # there only: idx lists [CLS] first, then each row's masked positions in order, padded.
+        chosen = mlm_labels != -100  # (B, T)
+        Tq = 1 + int(chosen.sum(1).max())  # query positions of the last layer
+        key = chosen.float() + 2 * (torch.arange(ids.size(1), device=ids.device) == 0)  # [CLS] 2, masked 1
+        idx = key.argsort(dim=1, descending=True, stable=True)[:, :Tq]  # (B, Tq)
+        x = self.encode(ids, seg, idx)  # (B, Tq, H)
+        nsp_logits = self.nsp(torch.tanh(self.pool(x[:, 0])))  # (B, 2)
+        sel = chosen.gather(1, idx)  # (B, Tq) which of the slots are masked positions
+        h = self.mlm_transform(x[sel])  # (M, H), in the row-major order of labels[labels != -100]
+        mlm_loss, mlm_pred = DecoderCrossEntropy.apply(h, self.decoder.weight, self.decoder.bias, mlm_labels[chosen])
         nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
         return mlm_pred, nsp_logits, mlm_loss, nsp_loss
 
@@ -705,12 +726,13 @@ def fill_mask(model, tok, text, max_len, top_k=5):
 
 
 def train_flops(cfg, B, T, M):
-    """Useful FLOPs of one training step (2 per multiply-add; backward = 2 x forward). The MLM
-    head counts at the M masked positions only, since only those are needed."""
-    H, L = cfg.hidden, cfg.layers
-    per_token = L * (2 * (4 * H * H + 2 * H * cfg.ffn) + 4 * T * H)  # qkv, proj, ffn; q.k and att.v
-    heads = M * 2 * (H * H + H * cfg.vocab_size) + B * 2 * (H * H + 2 * H)  # MLM at masks; pooler, NSP
-    return 3 * (B * T * per_token + heads)
+    """Useful FLOPs of one training step (2 per multiply-add; backward = 2 x forward): what the
+    losses need, so the last layer and the MLM head count at [CLS] and the M masked positions."""
+    H, F_, V = cfg.hidden, cfg.ffn, cfg.vocab_size
+    layer = 2 * (4 * H * H + 2 * H * F_) + 4 * T * H  # per position: qkv, proj, ffn; q.k and att.v
+    last = B * T * 2 * (2 * H * H) + (M + B) * (2 * (2 * H * H + 2 * H * F_) + 4 * T * H)  # k, v everywhere
+    heads = M * 2 * (H * H + H * V) + B * 2 * (H * H + 2 * H)  # MLM at the masks; pooler and NSP
+    return 3 * ((cfg.layers - 1) * B * T * layer + last + heads)
 
 
 def cpu_matmul_peak(n=1024, reps=20):

@@ -152,6 +152,25 @@ def test_shapes():
     assert torch.allclose(l1, ref, atol=1e-5)
 
 
+def test_training_forward_equals_the_full_computation():
+    """Training runs the last layer and the MLM head at [CLS] and the masked positions only; the
+    losses and every gradient must equal those of the plain full forward."""
+    torch.manual_seed(0)
+    model = mb.BERT(TINY)
+    ids, seg, labels, nsp = batch_of(TINY, B=6, T=20)
+    ids[0, 15:] = PAD  # some padding, and rows with different numbers of masks
+    labels[0, 15:] = -100
+    _, _, mlm_loss, nsp_loss = model(ids, seg, labels, nsp)
+    fast = torch.autograd.grad(mlm_loss + nsp_loss, list(model.parameters()))
+    logits, nsp_logits, _, _ = model(ids, seg)
+    ref_mlm = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100])
+    ref_nsp = torch.nn.functional.cross_entropy(nsp_logits, nsp)
+    assert torch.allclose(mlm_loss, ref_mlm, atol=1e-5) and torch.allclose(nsp_loss, ref_nsp, atol=1e-6)
+    slow = torch.autograd.grad(ref_mlm + ref_nsp, list(model.parameters()))
+    for (name, _), f, s in zip(model.named_parameters(), fast, slow):
+        assert torch.allclose(f, s, atol=1e-6), name
+
+
 def test_padding_does_not_change_real_outputs():
     torch.manual_seed(0)
     model = mb.BERT(dataclasses.replace(TINY, dropout=0.1)).eval()
