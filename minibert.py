@@ -486,7 +486,10 @@ def make_optimizer(model, cfg, device):
 
 
 def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls are far slower)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if device.type != "cuda":
+        return nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True  # for what autocast leaves in fp32
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def to_device(batch, device):
@@ -576,9 +579,9 @@ class StopRequest:
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
 
 
-def train(cfg, tok, train_pairs, val_pairs, resume=None, stop_at=None):
-    """The loop. resume: a checkpoint state to continue from. stop_at: end this session after
-    that step exactly as Ctrl-C does (the resume test uses it)."""
+def train(cfg, tok, train_docs, val_pairs, resume=None, stop_at=None):
+    """The loop, over tokenized documents. resume: a checkpoint state to continue from. stop_at:
+    end this session after that step exactly as Ctrl-C does (the resume test uses it)."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = BERT(cfg).to(device)
@@ -597,7 +600,7 @@ def train(cfg, tok, train_pairs, val_pairs, resume=None, stop_at=None):
         gen.set_state(rng["mask"])
         if device.type == "cuda" and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])
-    B, N = cfg.batch_size, len(train_pairs)
+    B, N = cfg.batch_size, len(make_pairs(train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob))
     steps_per_epoch = math.ceil(N / B)
     total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
     ckpt_path = os.path.join(cfg.out, "model.pt")
@@ -613,6 +616,15 @@ def train(cfg, tok, train_pairs, val_pairs, resume=None, stop_at=None):
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
         }
         save_checkpoint(ckpt_path, state)
+
+    def epoch_pairs(epoch):
+        """New pairs (new A/B cuts, new NotNext partners) in a new order every epoch, as the paper's
+        code makes 10 differently paired copies of the data: with fixed pairs, a small corpus lets
+        NSP memorise them. A function of (seed, epoch) alone, so a resumed run sees the same; cut or
+        topped up to N pairs, so every epoch has the same number of steps."""
+        pairs = make_pairs(train_docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch)).tolist()
+        return [pairs[j] for j in (order * (1 + N // len(order)))[:N]]
 
     def log(record):
         with open(log_path, "a") as f:
@@ -630,18 +642,17 @@ def train(cfg, tok, train_pairs, val_pairs, resume=None, stop_at=None):
                 f.write(text)
             os.replace(os.path.join(cfg.out, name + ".tmp"), os.path.join(cfg.out, name))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters | {N} training pairs, {steps_per_epoch} steps per epoch, {total} steps")
+    print(f"model: {n_params / 1e6:.2f}M parameters | {N} training pairs per epoch, {steps_per_epoch} steps per epoch, {total} steps")
     with StopRequest() as stopper:
         model.train()
         sums, n_ok, n_tok, t_data, t0 = torch.zeros(5), 0, 0, 0.0, time.time()
-        perm, perm_epoch = None, -1
+        pairs, pairs_epoch = None, -1
         while step < total:
             t = time.time()
             epoch, i = divmod(step, steps_per_epoch)
-            if epoch != perm_epoch:  # a fresh order each epoch, a function of (seed, epoch) alone
-                perm = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch)).tolist()
-                perm_epoch = epoch
-            batch = make_batch([train_pairs[j] for j in perm[i * B : (i + 1) * B]], cfg.vocab_size, gen, cfg.mask_prob, pad_to)
+            if epoch != pairs_epoch:
+                pairs, pairs_epoch = epoch_pairs(epoch), epoch
+            batch = make_batch(pairs[i * B : (i + 1) * B], cfg.vocab_size, gen, cfg.mask_prob, pad_to)
             ids, seg, labels, nsp = to_device(batch, device)
             t_data += time.time() - t
             lr = lr_at(step, total, cfg)
@@ -836,6 +847,7 @@ def export_hf(folder, to):
     }
     special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position,
+                  "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
                   "do_lower_case": True, **special}
     files = {"config.json": config, "tokenizer_config.json": tok_config, "special_tokens_map.json": special}
     for name, obj in files.items():
@@ -951,7 +963,8 @@ def cmd_train(args):
         tok = train_tokenizer((s for d in train_docs for s in d), cfg.vocab_size)
         cfg = dataclasses.replace(cfg, vocab_size=tok.get_vocab_size())
     t_tok = time.time() - t0
-    train_pairs = make_pairs(encode_docs(tok, train_docs), cfg.max_len, cfg.seed, cfg.short_seq_prob)
+    train_docs = encode_docs(tok, train_docs)
+    train_pairs = make_pairs(train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob)  # the first epoch's
     val_pairs = make_pairs(encode_docs(tok, val_docs), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)
     if not train_pairs:
         die("too little text to build a single sentence pair: give at least two documents of two sentences or more")
@@ -962,7 +975,7 @@ def cmd_train(args):
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     if resume is not None:
         print(f"resuming from step {resume['step']}")
-    train(cfg, tok, train_pairs, val_pairs, resume)
+    train(cfg, tok, train_docs, val_pairs, resume)
 
 
 def cmd_demo(args):
@@ -992,8 +1005,6 @@ def cmd_bench(args):
     cfg, _ = build_config(args)
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     check_config(cfg)
-    if cfg.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
     r = bench(cfg, args.steps)
     if args.json:
         print(json.dumps(r))

@@ -185,6 +185,15 @@ def test_padding_does_not_change_real_outputs():
     assert torch.allclose(nsp1[0], nsp2[0], atol=1e-5)
 
 
+def write_checkpoint(folder, model, cfg, tok):
+    """A checkpoint folder as train writes one (weights, config, tokenizer), without training."""
+    tok_json = tok.to_str()
+    (folder / "tokenizer.json").write_text(tok_json)
+    state = {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "step": 0,
+             "tokenizer_sha256": mb.hashlib.sha256(tok_json.encode()).hexdigest()}
+    mb.save_checkpoint(str(folder / "model.pt"), state)
+
+
 def test_tied_decoder_survives_save_and_load(tmp_path, tok):
     cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size())
     torch.manual_seed(0)
@@ -193,11 +202,7 @@ def test_tied_decoder_survives_save_and_load(tmp_path, tok):
     with torch.no_grad():
         model.emb.tok.weight[7] += 1.0  # a change to the embedding is a change to the decoder
     assert torch.equal(model.decoder.weight[7], model.emb.tok.weight[7])
-    tok_json = tok.to_str()
-    (tmp_path / "tokenizer.json").write_text(tok_json)
-    state = {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "step": 0,
-             "tokenizer_sha256": mb.hashlib.sha256(tok_json.encode()).hexdigest()}
-    mb.save_checkpoint(str(tmp_path / "model.pt"), state)
+    write_checkpoint(tmp_path, model, cfg, tok)
     loaded, _, _ = mb.load_model(str(tmp_path), "cpu")
     assert loaded.decoder.weight is loaded.emb.tok.weight
     ids = torch.tensor([[CLS, 10, MASK, 12, SEP]])
@@ -263,18 +268,18 @@ def test_lr_schedule_and_weight_decay_groups():
 def test_resume_is_exact(tmp_path, tok, docs):
     """N steps straight == k steps, a stop (as Ctrl-C), a resume and N - k more: same weights."""
     cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), max_len=32, dropout=0.1, batch_size=8,
-                              max_steps=12, log_every=4)
-    pairs = mb.make_pairs(mb.encode_docs(tok, docs), cfg.max_len, 0)
-    val = pairs[:8]
-    assert math.ceil(len(pairs) / 8) < 12  # the run crosses an epoch boundary
+                              max_steps=16, log_every=4)
+    train_docs = mb.encode_docs(tok, docs)
+    val = mb.make_pairs(train_docs, cfg.max_len, 99)[:8]
+    assert math.ceil(len(mb.make_pairs(train_docs, cfg.max_len, cfg.seed)) / 8) < 11  # stop, resume in epoch 2+
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    straight = mb.train(dataclasses.replace(cfg, out=a), tok, pairs, val)
+    straight = mb.train(dataclasses.replace(cfg, out=a), tok, train_docs, val)
     with pytest.raises(SystemExit) as stop:
-        mb.train(dataclasses.replace(cfg, out=b), tok, pairs, val, stop_at=5)
+        mb.train(dataclasses.replace(cfg, out=b), tok, train_docs, val, stop_at=11)
     assert stop.value.code == 130
     state, _, _ = mb.load_checkpoint(b)
-    assert state["step"] == 5
-    resumed = mb.train(dataclasses.replace(cfg, out=b), tok, pairs, val, resume=state)
+    assert state["step"] == 11
+    resumed = mb.train(dataclasses.replace(cfg, out=b), tok, train_docs, val, resume=state)
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), name
     log = [json.loads(line) for line in open(os.path.join(b, "metrics.jsonl"))]
@@ -294,13 +299,13 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path):
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, tok, docs):
     cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), max_len=32, batch_size=8, max_steps=2,
                               out=str(tmp_path))
-    pairs = mb.make_pairs(mb.encode_docs(tok, docs), cfg.max_len, 0)
-    mb.train(cfg, tok, pairs, [])
+    train_docs = mb.encode_docs(tok, docs)
+    mb.train(cfg, tok, train_docs, [])
     before = (tmp_path / "model.pt").read_bytes()
     state, _, _ = mb.load_checkpoint(str(tmp_path))
     state["model"]["emb.ln.weight"][0] = float("nan")
     with pytest.raises(SystemExit) as err:
-        mb.train(dataclasses.replace(cfg, max_steps=10), tok, pairs, [], resume=state)
+        mb.train(dataclasses.replace(cfg, max_steps=10), tok, train_docs, [], resume=state)
     assert "non-finite" in str(err.value.code)
     assert (tmp_path / "model.pt").read_bytes() == before
 
@@ -392,6 +397,7 @@ def cli(tmp_path_factory):
     (d / "empty.txt").write_text("")
     (d / "latin1.txt").write_bytes("caf\xe9 au lait . Encore .\n".encode("iso-8859-1"))
     (d / "one.txt").write_text("Just one sentence here .\n")
+    (d / "other.txt").write_text(make_corpus(seed=1))
     bad = d / "bad"
     bad.mkdir()
     (bad / "model.pt").write_bytes(b"not a checkpoint")
@@ -432,6 +438,16 @@ def cli(tmp_path_factory):
         "existing_out": ["train", "--data", c, "--out", ckpt],
         "resume_other_shape": ["train", "--data", c, "--out", ckpt, "--resume", "--hidden", "64"],
         "no_hub": ["train", "--out", str(d / "o7")],
+        "top_k_zero": ["demo", "the [MASK] sat", "--ckpt", ckpt, "--top_k", "0"],
+        "heads_mismatch": ["train", "--data", c, "--hidden", "100", "--heads", "3"],
+        "max_len_too_long": ["train", "--data", c, "--max_len", "1000"],
+        "dropout_range": ["train", "--data", c, "--dropout", "1.5"],
+        "resume_nothing": ["train", "--data", c, "--resume", "--out", str(d / "o8")],
+        "resume_other_data": ["train", "--data", str(d / "other.txt"), "--resume", "--out", ckpt],
+        "export_no_ckpt": ["export", "--ckpt", str(d / "nowhere"), "--to", str(d / "hf")],
+        "export_unwritable": ["export", "--ckpt", ckpt, "--to", str(corpus / "hf")],
+        "eval_too_little": ["eval", "--data", str(d / "one.txt"), "--ckpt", ckpt],
+        "demo_only_mask": ["demo", "[MASK]", "--ckpt", ckpt],
     }
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # the hub fails at once, offline
     results = run_many(cases, env)
@@ -467,6 +483,11 @@ def test_cli_demo_odd_input_works(cli):
     assert code == 0 and "warning" in err and len(out.strip().splitlines()) == 1
 
 
+def test_cli_demo_single_mask(cli):
+    code, out, err = cli["demo_only_mask"]
+    assert code == 0 and out.startswith("[MASK] 1:"), err
+
+
 def test_cli_eval_repeats(cli):
     (code, out, err), (code2, out2, _) = cli["eval"], cli["eval_again"]
     assert code == 0 and code2 == 0, err
@@ -483,6 +504,9 @@ BAD = {  # case -> what the one-line message must mention
     "zero_batch": "--batch_size must be positive", "negative_epochs": "--epochs must be positive",
     "zero_lr": "--lr must be positive", "bad_preset": "invalid choice", "unwritable_out": "cannot write",
     "existing_out": "--resume", "resume_other_shape": "hidden 128, not 64", "no_hub": "--data FILE",
+    "top_k_zero": "--top_k", "heads_mismatch": "not divisible", "max_len_too_long": "--max_len must be between",
+    "dropout_range": "--dropout must be in", "resume_nothing": "train one first", "resume_other_data": "same --data",
+    "export_no_ckpt": "train one first", "export_unwritable": "cannot create --to", "eval_too_little": "too little text",
 }
 
 
@@ -505,3 +529,37 @@ def test_fused_decoder_cross_entropy_matches_autograd():
     assert torch.allclose(loss, ref, atol=1e-6) and torch.equal(pred, logits.argmax(-1))
     for g, r in zip(torch.autograd.grad(3 * loss, (h, W, b)), grads):
         assert torch.allclose(g, r, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- export to Hugging Face
+
+
+def test_export_loads_into_transformers(tmp_path, tok):
+    transformers = pytest.importorskip("transformers")
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size())
+    torch.manual_seed(0)
+    model = mb.BERT(cfg).eval()
+    with torch.no_grad():  # non-trivial biases and LayerNorms, so that a mix-up can't hide behind zeros
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    write_checkpoint(tmp_path, model, cfg, tok)
+    out = str(tmp_path / "hf")
+    mb.export_hf(str(tmp_path), out)
+    for cls in (transformers.BertForPreTraining, transformers.BertForMaskedLM):
+        m, info = cls.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["mismatched_keys"], (cls.__name__, info)
+    _, info = transformers.BertModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"], info
+    hf = transformers.BertForPreTraining.from_pretrained(out).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    enc = hf_tok(["the cat sat", "the dog"], ["on the mat .", "ran under the old bridge ."], padding=True, return_tensors="pt")
+    ours = [tok.encode(a, b) for a, b in (("the cat sat", "on the mat ."), ("the dog", "ran under the old bridge ."))]
+    for row, e in zip(enc["input_ids"].tolist(), ours):
+        assert row[: len(e.ids)] == e.ids and all(t == PAD for t in row[len(e.ids) :])  # the same ids
+    ids, seg = enc["input_ids"], enc["token_type_ids"]
+    with torch.no_grad():
+        mlm, nsp, _, _ = model(ids, seg)
+        ref = hf(input_ids=ids, token_type_ids=seg, attention_mask=enc["attention_mask"])
+    real = enc["attention_mask"].bool()
+    assert (ref.prediction_logits[real] - mlm[real]).abs().max() < 1e-4
+    assert (ref.seq_relationship_logits - nsp).abs().max() < 1e-4
