@@ -402,7 +402,8 @@ class DecoderCrossEntropy(torch.autograd.Function):
         s = grad_loss / len(h)  # the mean's 1/M, applied to the small operands
         dh, dW, db = torch.empty(h.shape, dtype=torch.float32, device=h.device), None, 0
         for i, logp in zip(range(0, len(h), ctx.chunk), logps):
-            d = logp.exp_()  # (chunk, V) softmax, in place: the saved log-probabilities are used up
+            d = logp.exp_()  # (chunk, V) softmax, in place: the saved log-probabilities are used up,
+            # so this graph can be backpropagated once only (no retain_graph)
             d[torch.arange(len(d)), target[i : i + len(d)]] -= 1  # minus the one-hot target
             hs = h[i : i + len(d)].float() * s  # (chunk, H)
             dh[i : i + len(d)] = d @ W.float() * s
@@ -448,7 +449,7 @@ class BERT(nn.Module):
         With labels: the MLM predictions (M,) at the M masked positions (row-major order), NSP
         logits, and the two losses. Training runs the MLM head at the masked positions only: the
         V-wide decoder is the largest matmul of a small BERT, and 85 % of its output is unused.
-        The losses are exactly those of the full computation (test_shapes checks it).
+        Losses and gradients are exactly those of the full computation (the tests check both).
         """
         if mlm_labels is None:
             x = self.encode(ids, seg)  # (B, T, H)
@@ -668,6 +669,8 @@ def train(cfg, tok, train_docs, val_pairs, resume=None, stop_at=None):
                 n_tok += int((ids != PAD).sum())
             last_step = step == total
             if step % cfg.log_every == 0 or last_step:
+                if sys.stderr.isatty():
+                    print("\r" + " " * 40 + "\r", end="", file=sys.stderr)  # clear the progress bar
                 dt = time.time() - t0
                 m = (sums / max(1, n_ok)).tolist()
                 print(f"step {step}/{total} | loss {m[0]:.4f} | mlm {m[1]:.4f} | nsp {m[2]:.4f} | mlm_acc {m[3]:.3f} | "
@@ -678,12 +681,13 @@ def train(cfg, tok, train_docs, val_pairs, resume=None, stop_at=None):
             elif sys.stderr.isatty():  # a progress bar between log lines
                 bar = "#" * (20 * (step % cfg.log_every) // cfg.log_every)
                 print(f"\r[{bar:<20}] {step}/{total}", end="", file=sys.stderr, flush=True)
-            epoch_end = step % steps_per_epoch == 0
+            epoch_end, t_pause = step % steps_per_epoch == 0, time.time()
             if (epoch_end or last_step) and val_pairs:
                 run_eval("end" if last_step else f"epoch {step // steps_per_epoch}")
             stop = stopper.stop or step == stop_at
             if epoch_end or last_step or step % cfg.save_every == 0 or stop:
                 checkpoint()
+            t0 += time.time() - t_pause  # evaluation and saving don't count against tokens/s
             if stop and not last_step:
                 print(f"stopped at step {step}; checkpoint saved in {cfg.out}/, continue with --resume", file=sys.stderr)
                 sys.exit(130)
