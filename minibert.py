@@ -175,8 +175,11 @@ def read_corpus(paths):
 def load_wikitext(split_names=("train", "validation")):
     """WikiText-2 (raw) from the Hugging Face hub, or a one-line error that points to --data."""
     try:
-        from datasets import load_dataset
-        ds = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1")
+        import datasets
+        import huggingface_hub
+        datasets.logging.set_verbosity_error()  # no retry-by-retry log when the hub is unreachable
+        huggingface_hub.logging.set_verbosity_error()
+        ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1")
     except Exception as e:  # no network, no hub, no datasets: all end the same way
         die(f"cannot load WikiText-2 from the Hugging Face hub ({type(e).__name__}); offline, pass --data FILE")
     return [parse_wikitext(ds[s]["text"]) for s in split_names]
@@ -910,6 +913,9 @@ def check_config(cfg):
     for name in ("dropout", "short_seq_prob", "warmup", "val_share"):
         if not 0 <= getattr(cfg, name) < 1:
             die(f"--{name} must be in [0, 1), not {getattr(cfg, name)}")
+    for name in ("max_steps", "weight_decay", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            die(f"--{name} must not be negative, not {getattr(cfg, name)}")
     if not 0 < cfg.mask_prob < 1:
         die(f"--mask_prob must be in (0, 1), not {cfg.mask_prob}")
     if cfg.vocab_size <= len(SPECIALS):
@@ -957,12 +963,12 @@ def cmd_train(args):
         die(f"{cfg.out}/ already holds a checkpoint; continue it with --resume, or pick a new folder with --out")
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     check_config(cfg)
-    prepare_output(cfg.out)
     t0 = time.time()
     if args.data:
         train_docs, val_docs = split_docs(read_corpus(args.data), cfg.val_share, cfg.seed)
     else:
         train_docs, val_docs = load_wikitext()
+    prepare_output(cfg.out)
     if resume is None:
         tok = train_tokenizer((s for d in train_docs for s in d), cfg.vocab_size)
         cfg = dataclasses.replace(cfg, vocab_size=tok.get_vocab_size())
@@ -1018,31 +1024,33 @@ def cmd_bench(args):
 
 
 def main(argv=None):
-    p = Parser(prog="minibert.py", description="BERT pretraining from scratch, in one file.")
+    sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once, also in a file
+    p = Parser(prog="minibert.py", description="BERT pretraining from scratch, in one file.", allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
-    t = sub.add_parser("train", help="pretrain (WikiText-2 from the hub, or --data FILE)")
+    t = sub.add_parser("train", allow_abbrev=False, help="pretrain (WikiText-2 from the hub, or --data FILE)")
     add_config_flags(t)
     t.add_argument("--data", nargs="+", metavar="FILE", help="local text (WikiText layout) or the Cornell Movie-Dialogs folder")
     t.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
-    d = sub.add_parser("demo", help="fill in the [MASK]s of a sentence")
+    d = sub.add_parser("demo", allow_abbrev=False, help="fill in the [MASK]s of a sentence")
     d.add_argument("text")
     d.add_argument("--top_k", type=int, default=5)
-    e = sub.add_parser("eval", help="MLM loss/accuracy and NSP accuracy on a text")
+    e = sub.add_parser("eval", allow_abbrev=False, help="MLM loss/accuracy and NSP accuracy on a text")
     e.add_argument("--data", nargs="+", metavar="FILE", help="default: WikiText-2 validation from the hub")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    b = sub.add_parser("bench", help="time the training step on synthetic batches")
+    b = sub.add_parser("bench", allow_abbrev=False, help="time the training step on synthetic batches")
     add_config_flags(b)
     b.add_argument("--steps", type=int, default=20, help="timed steps, after 5 warm-up steps")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    x = sub.add_parser("export", help="write a Hugging Face transformers folder")
+    x = sub.add_parser("export", allow_abbrev=False, help="write a Hugging Face transformers folder")
     x.add_argument("--to", required=True, metavar="DIR")
     for q in (d, e, x):
         q.add_argument("--ckpt", default="out", metavar="DIR", help="checkpoint folder (default out)")
     for q in (d, e):
         q.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     args = p.parse_args(argv)
-    if getattr(args, "top_k", 1) < 1 or getattr(args, "steps", 1) < 1:
-        die("--top_k and --steps must be positive")
+    for name in ("top_k", "steps"):
+        if getattr(args, name, 1) < 1:
+            die(f"--{name} must be positive, not {getattr(args, name)}")
     try:
         {"train": cmd_train, "demo": cmd_demo, "eval": cmd_eval, "bench": cmd_bench, "export": lambda a: export_hf(a.ckpt, a.to)}[args.cmd](args)
     except KeyboardInterrupt:
