@@ -489,6 +489,14 @@ def make_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=True)
 
 
+def compile_layers(model, cfg):
+    """--compile: torch.compile each encoder layer, in place (the state dict keeps its names). The
+    data-dependent gathers around them stay eager; the last layer's varying shapes compile once, dynamic."""
+    if cfg.compile:
+        for layer in model.layers:
+            layer.compile()
+
+
 def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls are far slower)
     if device.type != "cuda":
         return nullcontext()
@@ -590,7 +598,7 @@ def train(cfg, tok, train_docs, val_pairs, resume=None, stop_at=None):
     torch.manual_seed(cfg.seed)
     model = BERT(cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    fwd = torch.compile(model) if cfg.compile else model
+    compile_layers(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # masks
     step, bad_steps = 0, 0
     tok_json = tok.to_str()
@@ -660,7 +668,7 @@ def train(cfg, tok, train_docs, val_pairs, resume=None, stop_at=None):
             ids, seg, labels, nsp = to_device(batch, device)
             t_data += time.time() - t
             lr = lr_at(step, total, cfg)
-            stats = train_step(model, fwd, optimizer, (ids, seg, labels, nsp), lr, cfg.grad_clip)
+            stats = train_step(model, optimizer, (ids, seg, labels, nsp), lr, cfg.grad_clip)
             step += 1
             if stats is None:  # a non-finite loss: the step was skipped, the weights are as they were
                 bad_steps += 1
@@ -698,14 +706,14 @@ def train(cfg, tok, train_docs, val_pairs, resume=None, stop_at=None):
     return model
 
 
-def train_step(model, fwd, optimizer, batch, lr, grad_clip):
+def train_step(model, optimizer, batch, lr, grad_clip):
     """Forward, both losses, backward, clip, AdamW. -> (loss, mlm loss, nsp loss, mlm acc, nsp acc)
     on the CPU, or None when the loss was not finite (then nothing is updated)."""
     ids, seg, labels, nsp = batch
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(ids.device):
-        mlm_pred, nsp_logits, mlm_loss, nsp_loss = fwd(ids, seg, labels, nsp)
+        mlm_pred, nsp_logits, mlm_loss, nsp_loss = model(ids, seg, labels, nsp)
     loss = mlm_loss + nsp_loss  # the paper's objective: the two losses summed
     mlm_acc = (mlm_pred == labels[labels != -100]).float().mean()
     nsp_acc = (nsp_logits.argmax(-1) == nsp).float().mean()
@@ -773,7 +781,7 @@ def bench(cfg, steps=20, warmup=5):
     torch.manual_seed(cfg.seed)
     model = BERT(cfg).to(device).train()
     optimizer = make_optimizer(model, cfg, device)
-    fwd = torch.compile(model) if cfg.compile else model
+    compile_layers(model, cfg)
     B, T, V = cfg.batch_size, cfg.max_len, cfg.vocab_size
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(len(SPECIALS), V, (B, T), generator=gen)
@@ -784,11 +792,11 @@ def bench(cfg, steps=20, warmup=5):
     batch = to_device((inputs, seg, labels, nsp), device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        train_step(model, fwd, optimizer, batch, cfg.lr, cfg.grad_clip)
+        train_step(model, optimizer, batch, cfg.lr, cfg.grad_clip)
     sync()
     t = time.perf_counter()
     for _ in range(steps):
-        train_step(model, fwd, optimizer, batch, cfg.lr, cfg.grad_clip)
+        train_step(model, optimizer, batch, cfg.lr, cfg.grad_clip)
     sync()
     dt = (time.perf_counter() - t) / steps
     flops = train_flops(cfg, B, T, int((labels != -100).sum()))
@@ -993,7 +1001,7 @@ def cmd_demo(args):
         die('the text has no [MASK]; try: python minibert.py demo "the [MASK] sat on the mat ."')
     model, tok, cfg = load_model(args.ckpt, resolve_device(args.device))
     for i, guesses in enumerate(fill_mask(model, tok, args.text, cfg.max_len, args.top_k)):
-        print(f"[MASK] {i + 1}: " + "  ".join(f"{w} {p:.3f}" for w, p in guesses))
+        print(f"[MASK] {i + 1}: " + "  ".join(f"{w} {p:.3g}" for w, p in guesses))
 
 
 def cmd_eval(args):

@@ -233,9 +233,9 @@ def overfit(device):
     model = mb.BERT(cfg).to(device)
     opt = mb.make_optimizer(model, cfg, torch.device(device))
     batch = mb.to_device(batch_of(cfg), torch.device(device))
-    first = mb.train_step(model, model, opt, batch, 3e-3, 1.0)
+    first = mb.train_step(model, opt, batch, 3e-3, 1.0)
     for _ in range(150):
-        last = mb.train_step(model, model, opt, batch, 3e-3, 1.0)
+        last = mb.train_step(model, opt, batch, 3e-3, 1.0)
     return first, last
 
 
