@@ -997,6 +997,7 @@ def cmd_train(args):
 
 
 def cmd_demo(args):
+    args.text = re.sub(r"\[mask\]", "[MASK]", args.text, flags=re.IGNORECASE)  # [mask] is meant too
     if "[MASK]" not in args.text:
         die('the text has no [MASK]; try: python minibert.py demo "the [MASK] sat on the mat ."')
     model, tok, cfg = load_model(args.ckpt, resolve_device(args.device))

@@ -409,6 +409,11 @@ def cli(tmp_path_factory):
     trunc.mkdir()
     (trunc / "model.pt").write_bytes(open(os.path.join(ckpt, "model.pt"), "rb").read()[:5000])
     (trunc / "tokenizer.json").write_text(open(os.path.join(ckpt, "tokenizer.json")).read())
+    mixed = d / "mixed"  # the weights of one run, the tokenizer of another
+    mixed.mkdir()
+    (mixed / "model.pt").write_bytes(open(os.path.join(ckpt, "model.pt"), "rb").read())
+    other_docs = mb.parse_wikitext(make_corpus(seed=1).splitlines())
+    mb.train_tokenizer((s for doc in other_docs for s in doc), 300).save(str(mixed / "tokenizer.json"))
     c = str(corpus)
     cases = {
         "demo": ["demo", "the [MASK] sat on the [MASK] .", "--ckpt", ckpt],
@@ -450,6 +455,8 @@ def cli(tmp_path_factory):
         "export_unwritable": ["export", "--ckpt", ckpt, "--to", str(corpus / "hf")],
         "eval_too_little": ["eval", "--data", str(d / "one.txt"), "--ckpt", ckpt],
         "demo_only_mask": ["demo", "[MASK]", "--ckpt", ckpt],
+        "demo_lower_mask": ["demo", "the [mask] sat", "--ckpt", ckpt],
+        "foreign_tokenizer": ["demo", "the [MASK] sat", "--ckpt", str(mixed)],
     }
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # the hub fails at once, offline
     results = run_many(cases, env)
@@ -485,9 +492,10 @@ def test_cli_demo_odd_input_works(cli):
     assert code == 0 and "warning" in err and len(out.strip().splitlines()) == 1
 
 
-def test_cli_demo_single_mask(cli):
-    code, out, err = cli["demo_only_mask"]
-    assert code == 0 and out.startswith("[MASK] 1:"), err
+def test_cli_demo_single_and_lower_case_mask(cli):
+    for case in ("demo_only_mask", "demo_lower_mask"):
+        code, out, err = cli[case]
+        assert code == 0 and out.startswith("[MASK] 1:") and len(out.strip().splitlines()) == 1, err
 
 
 def test_cli_eval_repeats(cli):
@@ -509,7 +517,7 @@ BAD = {  # case -> what the one-line message must mention
     "existing_out": "--resume", "resume_other_shape": "hidden 128, not 64", "no_hub": "--data FILE",
     "top_k_zero": "--top_k", "heads_mismatch": "not divisible", "max_len_too_long": "--max_len must be between",
     "dropout_range": "--dropout must be in", "resume_nothing": "train one first", "resume_other_data": "same --data",
-    "export_no_ckpt": "train one first", "export_unwritable": "cannot create --to", "eval_too_little": "too little text",
+    "export_no_ckpt": "train one first", "foreign_tokenizer": "not the tokenizer model.pt was trained with", "export_unwritable": "cannot create --to", "eval_too_little": "too little text",
 }
 
 
