@@ -946,6 +946,13 @@ def split_docs(docs, share, seed):
     return docs[n_val:], docs[:n_val]
 
 
+def pairs_or_die(docs, cfg, seed):
+    pairs = make_pairs(docs, cfg.max_len, seed, cfg.short_seq_prob)
+    if not pairs:
+        die("too little text to build a single sentence pair: give at least two documents of two sentences or more")
+    return pairs
+
+
 def prepare_output(folder):
     try:
         os.makedirs(folder, exist_ok=True)
@@ -982,10 +989,8 @@ def cmd_train(args):
         cfg = dataclasses.replace(cfg, vocab_size=tok.get_vocab_size())
     t_tok = time.time() - t0
     train_docs = encode_docs(tok, train_docs)
-    train_pairs = make_pairs(train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob)  # the first epoch's
+    train_pairs = pairs_or_die(train_docs, cfg, cfg.seed)  # the first epoch's
     val_pairs = make_pairs(encode_docs(tok, val_docs), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)
-    if not train_pairs:
-        die("too little text to build a single sentence pair: give at least two documents of two sentences or more")
     if resume is not None and resume["n_train_pairs"] != len(train_pairs):
         die(f"--resume: this data gives {len(train_pairs)} training pairs, the checkpoint's run had {resume['n_train_pairs']}; pass the same --data")
     print(f"data: {time.time() - t0:.1f} s (reading and tokenizer {t_tok:.1f} s) | {len(train_docs)} documents, "
@@ -1009,9 +1014,7 @@ def cmd_eval(args):
     device = resolve_device(args.device)
     model, tok, cfg = load_model(args.ckpt, device)
     docs = read_corpus(args.data) if args.data else load_wikitext(("validation",))[0]
-    pairs = make_pairs(encode_docs(tok, docs), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)
-    if not pairs:
-        die("too little text to build a single sentence pair: give at least two documents of two sentences or more")
+    pairs = pairs_or_die(encode_docs(tok, docs), cfg, cfg.seed + 1)
     m = evaluate(model, pairs, dataclasses.replace(cfg, device=device), torch.device(device))
     m["pairs"] = len(pairs)
     if args.json:
