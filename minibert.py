@@ -10,18 +10,26 @@ BertForPreTraining (see `export`).
     python minibert.py train --device cuda            # WikiText-2 from the Hugging Face hub
     python minibert.py train --data wiki.txt          # offline: any text file
     python minibert.py demo "the [MASK] sat on the mat ."
+    torchrun --nproc_per_node 4 minibert.py train     # several GPUs: DistributedDataParallel
 
-Left out on purpose: multi-GPU and multi-node training, gradient accumulation, a Trainer
-class with callbacks, output objects, head pruning, cross-attention and key/value caches,
-whole-word masking, and fine-tuning heads (export to transformers for those).
+The file reads in the order the data flows: config, tokenizer, corpus and pairs, masking, model,
+training, demo. After the demo: reading files and the hub, the corpus cache, checkpoints, bench,
+export and the command line.
+
+Left out on purpose: a Trainer class with callbacks, output objects, head pruning, cross-attention
+and key/value caches, whole-word masking, the paper's second phase at 512 tokens (run it as a
+separate --max_len 512 run), and fine-tuning heads (export to transformers for those).
 
 References: Devlin et al. 2018, "BERT" (arXiv:1810.04805); Turc et al. 2019, "Well-Read
 Students Learn Better" (the size presets); google-research/bert create_pretraining_data.py.
 """
 
 import argparse
+import bisect
 import dataclasses
+import gzip
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -30,10 +38,13 @@ import re
 import signal
 import sys
 import time
+from array import array
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -43,7 +54,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 @dataclass
 class Config:
-    # model: the preset sets the first four (the defaults are "mini")
+    # model: --preset sets layers, hidden, heads, ffn and lr (the defaults are "mini")
     layers: int = 4  # Transformer encoder layers
     hidden: int = 256  # hidden size H, in features
     heads: int = 4  # attention heads nh; head size hs = H / nh = 64
@@ -52,54 +63,56 @@ class Config:
     max_position: int = 512  # learned position embeddings, in tokens
     dropout: float = 0.1  # on the embeddings, the attention probabilities and each residual branch
     # data
+    dataset: str = "Salesforce/wikitext"  # Hugging Face hub dataset with a text column (when there is no --data)
+    dataset_config: str = "wikitext-2-raw-v1"  # its configuration; wikitext-103-raw-v1 has 50x more text
     max_len: int = 128  # tokens per training sequence, [CLS] and both [SEP] included
     short_seq_prob: float = 0.1  # share of pairs built to a random shorter length, as in the paper's code
     mask_prob: float = 0.15  # share of the real tokens of each sequence chosen for MLM
-    val_share: float = 0.1  # share of the --data documents held out for evaluation, by document
+    val_share: float = 0.1  # share of the documents held out for evaluation (if the data has no validation split)
     # training
-    batch_size: int = 32  # sequences per step
-    epochs: int = 3  # passes over the training pairs
-    max_steps: int = 0  # if > 0: the run's length in steps, instead of epochs
-    lr: float = 5e-4  # peak learning rate, per step
+    batch_size: int = 32  # sequences per optimizer step, over all GPUs and micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step, on each GPU (same update, less memory)
+    epochs: int = 40  # passes over the training pairs
+    max_steps: int = 0  # if > 0: the run's length in optimizer steps, instead of epochs
+    lr: float = 5e-4  # peak learning rate; each preset sets its own, an explicit --lr wins
     warmup: float = 0.1  # share of the steps spent warming the learning rate up linearly from 0
     weight_decay: float = 0.01  # AdamW decay on weight matrices (not on biases and LayerNorm)
-    grad_clip: float = 1.0  # maximum global gradient norm
+    grad_clip: float = 1.0  # maximum global gradient norm (0: no clipping)
     seed: int = 1337  # for pairs, data order, masks, dropout and initialisation
-    log_every: int = 10  # steps between log lines
-    save_every: int = 500  # steps between checkpoints (also at each epoch's end and at the end)
+    log_every: int = 50  # optimizer steps between log lines
+    save_every: int = 1000  # optimizer steps between checkpoints (also at each epoch's end and at the end)
     device: str = "auto"  # auto, cuda or cpu
-    compile: bool = False  # torch.compile the model (CUDA)
+    compile: bool = False  # torch.compile the training step: forward, both losses and backward as one graph
     out: str = "out"  # checkpoint folder
 
 
-# after Turc et al. 2019: (layers, hidden); heads = hidden / 64, ffn = 4 hidden
-PRESETS = {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512), "base": (12, 768)}
-SHAPE = ("layers", "hidden", "heads", "ffn", "vocab_size", "max_position")  # fields the weights depend on
+# After Turc et al. 2019: name -> (layers, hidden, peak lr); heads = hidden / 64, ffn = 4 hidden. The
+# learning rate falls with the width: base collapses at 5e-4 (it predicts "the" everywhere after one
+# epoch of WikiText-2) and trains at 1e-4, the paper's rate; mini trains at 5e-4.
+PRESETS = {"tiny": (2, 128, 1e-3), "mini": (4, 256, 5e-4), "small": (4, 512, 3e-4), "medium": (8, 512, 2e-4),
+           "base": (12, 768, 1e-4)}
 
 
 def apply_preset(cfg, name):
-    layers, hidden = PRESETS[name]
-    return dataclasses.replace(cfg, layers=layers, hidden=hidden, heads=hidden // 64, ffn=4 * hidden)
+    layers, hidden, lr = PRESETS[name]
+    return dataclasses.replace(cfg, layers=layers, hidden=hidden, heads=hidden // 64, ffn=4 * hidden, lr=lr)
 
 
-def die(msg):
-    """Bad input ends here: one line on stderr that says what to do, and exit status 1."""
-    sys.exit(f"minibert: error: {msg}")
-
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # the tokenizer gives them the ids 0..4, in this order
+PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 
 # ----------------------------------------------------------------------------- tokenizer
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # their ids are 0..4, in this order
-PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
-
 
 def train_tokenizer(sentences, vocab_size):
-    """BERT's uncased WordPiece: lower-case and strip accents, split on spaces and punctuation."""
+    """BERT's uncased WordPiece: lower-case and strip accents, split on spaces and punctuation.
+    (The `tokenizers` trainer breaks ties in hash-map order: two runs may differ by a few entries.)"""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")  # "play ##ing" -> "playing"
-    tok.train_from_iterator(sentences, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=sys.stderr.isatty())
+    tok.train_from_iterator(sentences, trainer)
     # encode(text) adds [CLS] ... [SEP] as BERT does; training builds its own pairs from ids
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)]
@@ -107,9 +120,10 @@ def train_tokenizer(sentences, vocab_size):
     return tok
 
 
-# ----------------------------------------------------------------------------- corpus
-# A corpus is a list of documents, a document a list of sentences. WikiText-2 has 600 train
-# articles (~2.1M words); with the default tokenizer they give ~19k pairs of <= 128 tokens.
+# ----------------------------------------------------------------------------- corpus and pairs
+# Text is documents of sentences. Tokenized, a corpus is three flat arrays (Corpus), not lists of
+# Python objects: 21M words of text take ~100 MB instead of ~3 GB. WikiText-2's train split, 600
+# articles of 2.1M words, gives ~2.6M tokens and ~19k pairs of <= 128 tokens per epoch.
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")  # ". The" ends a sentence
 WIKI_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), ("<unk>", "[UNK]")]
@@ -136,17 +150,557 @@ def parse_wikitext(lines):
     return [d for d in docs if d]
 
 
+class Corpus(NamedTuple):
+    ids: torch.Tensor  # (N,) int32: the token ids of every sentence, back to back
+    sents: torch.Tensor  # (S + 1,) int64: sentence s is ids[sents[s] : sents[s + 1]]
+    docs: torch.Tensor  # (D + 1,) int64: document d is sentences docs[d] .. docs[d + 1] - 1
+
+
+def encode_corpus(tok, docs, chunk=20_000):
+    """Documents of text -> Corpus. Sentences are tokenized in parallel batches; empty ones are dropped
+    (a document may end up empty, and keeps its index)."""
+    texts = [s for d in docs for s in d]
+    ids, lens = array("i"), array("q")
+    for i in range(0, len(texts), chunk):
+        for e in tok.encode_batch_fast(texts[i : i + chunk], add_special_tokens=False):
+            ids.extend(e.ids)
+            lens.append(len(e.ids))
+        if len(texts) > 10 * chunk:  # a progress line per ~10 % of a large corpus
+            if (i // chunk) % max(1, len(texts) // chunk // 10) == 0:
+                print(f"tokenizing: {min(i + chunk, len(texts)):,} of {len(texts):,} sentences", file=sys.stderr)
+    lens = torch.frombuffer(lens, dtype=torch.int64) if lens else torch.zeros(0, dtype=torch.int64)
+    doc_of = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d) for d in docs], dtype=torch.int64))
+    keep = lens > 0
+    sents = F.pad(lens[keep].cumsum(0), (1, 0))  # (S + 1,)
+    docs_ = F.pad(torch.bincount(doc_of[keep], minlength=len(docs)).cumsum(0), (1, 0))  # (D + 1,)
+    return Corpus(torch.frombuffer(ids, dtype=torch.int32).clone() if ids else torch.zeros(0, dtype=torch.int32), sents, docs_)
+
+
+def make_pairs(corpus, docs, max_len, seed, short_seq_prob=0.1):
+    """(A, B, label) pairs from the documents `docs` (indices) of a corpus, as google-research/bert does.
+    -> (N, 5) int64: A's first token, A's length, B's first token, B's length (offsets into corpus.ids), label.
+
+    Sentences are gathered until they fill the sequence; A is a random-length prefix of that
+    chunk. Label 0 (IsNext): B is the rest of the chunk. Label 1 (NotNext): B is a run of
+    sentences from another document, and the unused rest of the chunk goes back to the pool.
+    Unlike the paper's code, a chunk always holds at least two sentences and the labels come
+    from a shuffled deck, so the classes are balanced to within one pair.
+    """
+    S, D = corpus.sents.tolist(), corpus.docs.tolist()  # Python ints: the loop below is Python's
+    docs = [d for d in docs if D[d + 1] > D[d]]
+    if len(docs) < 2:  # NotNext needs another document
+        return torch.zeros(0, 5, dtype=torch.int64)
+    rng = random.Random(seed)
+    max_tokens = max_len - 3  # room for [CLS], [SEP], [SEP]
+    pairs, deck = [], []
+    for j, d in enumerate(docs):
+        start, i, end = D[d], D[d], D[d + 1]  # the chunk is sentences start..i
+        target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
+        while i < end:
+            if (S[i + 1] - S[start] >= target and i > start) or i == end - 1:
+                if i > start:  # two sentences or more; a last lone sentence is only used as a NotNext B
+                    cut = rng.randint(start + 1, i)  # A is sentences start..cut-1
+                    deck = deck or rng.sample([0, 1], 2)
+                    label = deck.pop()
+                    if label == 0:
+                        b0, b1 = S[cut], S[i + 1]
+                    else:
+                        b0, b1 = random_segment(S, D, docs, j, max(1, target - (S[cut] - S[start])), rng)
+                        i = cut - 1  # the chunk's unused sentences go back to the pool
+                    a0, a1, b0, b1 = truncate_pair(S[start], S[cut], b0, b1, max_tokens, rng)
+                    pairs.append((a0, a1 - a0, b0, b1 - b0, label))
+                start = i + 1
+                target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
+            i += 1
+    return torch.tensor(pairs, dtype=torch.int64).view(-1, 5)
+
+
+def random_segment(S, D, docs, j, target, rng):
+    """Consecutive sentences of a random document other than docs[j], at least target tokens if it can."""
+    other = rng.randrange(len(docs) - 1)
+    d = docs[other + (other >= j)]  # skip docs[j] itself
+    s = rng.randrange(D[d], D[d + 1])  # the first sentence
+    return S[s], S[bisect.bisect_left(S, S[s] + target, s + 1, D[d + 1])]  # up to the sentence that reaches target
+
+
+def truncate_pair(a0, a1, b0, b1, max_tokens, rng):
+    """Trim the longer of A and B one token at a time, at a random end, until they fit."""
+    while a1 - a0 + b1 - b0 > max_tokens:
+        if a1 - a0 > b1 - b0:
+            a0, a1 = (a0 + 1, a1) if rng.random() < 0.5 else (a0, a1 - 1)
+        else:
+            b0, b1 = (b0 + 1, b1) if rng.random() < 0.5 else (b0, b1 - 1)
+    return a0, a1, b0, b1
+
+
+def epoch_pairs(corpus, docs, cfg, epoch, n):
+    """New pairs (new A/B cuts, new NotNext partners) in a new order every epoch, as the paper's code
+    makes 10 differently paired copies of the data: with fixed pairs, a small corpus lets NSP memorise
+    them. A function of (seed, epoch) alone, so a resumed run sees the same; cut or topped up to n."""
+    pairs = make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
+    return pairs[order.repeat(1 + n // len(pairs))[:n]]  # (n, 5)
+
+
+def collate(ids, pairs, T):
+    """Pairs (B, 5) -> token ids and segment ids (B, T), [CLS] A [SEP] B [SEP] then [PAD], gathered from
+    the corpus ids by tensor operations on the pairs' device (a GPU builds its own batches)."""
+    a0, la, b0, lb, nsp = (c[:, None] for c in pairs.unbind(1))  # (B, 1) each
+    t = torch.arange(T, device=pairs.device)  # (T,) position
+    in_a, in_b = (t >= 1) & (t <= la), (t >= la + 2) & (t < la + lb + 2)  # (B, T)
+    src = torch.where(in_a, a0 + t - 1, b0 + t - la - 2).clamp(0, len(ids) - 1)  # (B, T) where each token is
+    x = torch.where(in_a | in_b, ids[src].long(), PAD)  # (B, T)
+    x = torch.where((t == la + 1) | (t == la + lb + 2), SEP, torch.where(t == 0, CLS, x))
+    seg = ((t >= la + 2) & (t <= la + lb + 2)).long()  # (B, T) 0 for [CLS] A [SEP], 1 for B [SEP]
+    return x, seg, nsp[:, 0]  # nsp (B,): 0 = IsNext, 1 = NotNext
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
+    """BERT's MLM corruption for a whole batch, drawn fresh every call, on the batch's device.
+
+    Exactly round(15 %) of each sequence's real tokens are chosen ([CLS], [SEP] and [PAD] never
+    are). Of those, 80 % become [MASK], 10 % a random token and 10 % stay: the model must keep a
+    good representation of every token, since it can't tell which were changed, and [MASK] never
+    appears at fine-tuning time. The choices go into P = ceil((T - 3) 15 %) prediction slots per
+    sequence (the paper's code has 20 at T = 128): a fixed shape, whatever the batch. Slots past a
+    row's choices have label -100 (ignored). -> inputs (B, T), positions (B, P), labels (B, P).
+    """
+    B, T = ids.shape  # batch, sequence length
+    P = math.ceil((T - 3) * mask_prob)  # prediction slots
+    real = (ids != PAD) & (ids != CLS) & (ids != SEP)  # (B, T)
+    k = (real.sum(1) * mask_prob).round().clamp(min=1)  # (B,) tokens to choose per row
+    score = torch.rand(B, T, generator=gen, device=ids.device).masked_fill(~real, 2.0)  # specials sort last
+    pos = score.topk(P, dim=1, largest=False).indices  # (B, P) the P lowest scores of each row
+    used = torch.arange(P, device=ids.device) < k[:, None]  # (B, P) the first k slots are the chosen
+    orig = ids.gather(1, pos)  # (B, P)
+    labels = orig.masked_fill(~used, -100)
+    r = torch.rand(B, P, generator=gen, device=ids.device)
+    random_ids = torch.randint(len(SPECIALS), vocab_size, (B, P), generator=gen, device=ids.device)  # never special
+    new = torch.where(r < 0.8, MASK, torch.where(r < 0.9, random_ids, orig))
+    return ids.scatter(1, pos, torch.where(used, new, orig)), pos, labels
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.pos = nn.Embedding(cfg.max_position, cfg.hidden)  # learned, not sinusoidal
+        self.seg = nn.Embedding(2, cfg.hidden)  # sentence A or B
+        self.ln = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids, seg):
+        T = ids.size(1)
+        x = self.tok(ids) + self.pos.weight[:T] + self.seg(seg)  # (B, T, H)
+        return self.drop(self.ln(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.nh, self.p = cfg.heads, cfg.dropout
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)  # query, key, value in one matmul
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x, mask, idx=None):
+        """idx (B, Tq): the positions whose output is wanted (default: all); keys and values come from all."""
+        B, T, H = x.shape  # batch, sequence length, hidden size
+        q, k, v = self.qkv(x).split(H, dim=2)  # 3 x (B, T, H)
+        if idx is not None:
+            q = q.gather(1, idx[:, :, None].expand(-1, -1, H))  # (B, Tq, H)
+        Tq, hs = q.size(1), H // self.nh  # query positions, head size
+        q = q.view(B, Tq, self.nh, hs).transpose(1, 2)  # (B, nh, Tq, hs)
+        k, v = (t.view(B, T, self.nh, hs).transpose(1, 2) for t in (k, v))  # (B, nh, T, hs)
+        p = self.p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, Tq, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, Tq, H))  # (B, Tq, H)
+
+
+class Layer(nn.Module):
+    """Post-LayerNorm, as in the paper: each sublayer's output is added, then normalised. (Pre-LN,
+    as in GPT-2, trains more stably at depth; post-LN is what BERT's weights expect.)"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.ln1 = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.fc1 = nn.Linear(cfg.hidden, cfg.ffn)
+        self.fc2 = nn.Linear(cfg.ffn, cfg.hidden)
+        self.ln2 = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask, idx=None):
+        """idx (B, Tq): compute the output at these positions only (default: all)."""
+        a = self.attn(x, mask, idx)  # (B, Tq, H)
+        if idx is not None:
+            x = x.gather(1, idx[:, :, None].expand(-1, -1, x.size(2)))  # (B, Tq, H) the residual at those rows
+        x = self.ln1(x + self.drop(a))  # (B, Tq, H)
+        h = self.fc2(F.gelu(self.fc1(x)))  # (B, Tq, H); exact erf GELU, as in the paper's code
+        return self.ln2(x + self.drop(h))  # (B, Tq, H)
+
+
+class BERT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.emb = Embeddings(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
+        self.pool = nn.Linear(cfg.hidden, cfg.hidden)  # the tanh "pooler": [CLS] -> a sentence-pair vector
+        self.nsp = nn.Linear(cfg.hidden, 2)  # IsNext / NotNext
+        self.mlm_dense = nn.Linear(cfg.hidden, cfg.hidden)
+        self.mlm_ln = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.decoder = nn.Linear(cfg.hidden, cfg.vocab_size)  # with its own bias, but ...
+        self.apply(self._init)
+        # ... its weight *is* the input embedding (tied): a word's input vector and its output
+        # vector are one, which saves V x H parameters and helps rare words learn from both ends
+        self.decoder.weight = self.emb.tok.weight
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)  # small: the first predictions are near uniform
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def forward(self, ids, seg, pos=None):
+        """ids, seg (B, T) -> MLM logits (B, T, V) and NSP logits (B, 2). With pos (B, P): MLM logits at
+        those positions only, (B, P, V). Training needs the last layer's output at [CLS] and the
+        ~15 % masked positions alone, so the last layer and the V-wide decoder (the largest matmul of
+        a small BERT) run there alone; the losses and gradients are those of the full computation."""
+        mask = (ids != PAD)[:, None, None, :]  # (B, 1, 1, T) the keys a query may attend to
+        idx = None if pos is None else F.pad(pos, (1, 0))  # (B, 1 + P) [CLS] (position 0), then pos
+        x = self.emb(ids, seg)  # (B, T, H)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, idx if i == len(self.layers) - 1 else None)  # (B, T or 1 + P, H)
+        nsp_logits = self.nsp(torch.tanh(self.pool(x[:, 0])))  # (B, 2)
+        h = x if pos is None else x[:, 1:]  # (B, T or P, H)
+        return self.decoder(self.mlm_ln(F.gelu(self.mlm_dense(h)))), nsp_logits  # (B, T or P, V)
+
+
+# ----------------------------------------------------------------------------- training
+
+TOO_LITTLE = "too little text to build a single sentence pair: give at least two documents of two sentences or more"
+
+
+def lr_at(step, total, cfg):
+    """Linear warm-up over the first `warmup` share of the steps, then linear decay to 0."""
+    warm = max(1, int(cfg.warmup * total))
+    return cfg.lr * min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+
+
+def make_optimizer(model, cfg):
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # weight matrices and embeddings
+    other = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=True)
+
+
+def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls are far slower)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
+    """The paper's objective, MLM + NSP cross-entropy, as sums divided by the whole batch's counts
+    (n_mlm masked tokens, n_seq sequences), so that micro-batches and GPUs add up to the batch's mean.
+    -> the loss, and (loss, MLM loss, NSP loss, MLM accuracy, NSP accuracy) detached. No host sync, no
+    data-dependent shape: with --compile, this and its backward are one graph."""
+    with autocast(ids.device):
+        mlm_logits, nsp_logits = model(ids, seg, pos)  # (B, P, V), (B, 2)
+    mlm = F.cross_entropy(mlm_logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / n_mlm
+    nsp_loss = F.cross_entropy(nsp_logits.float(), nsp, reduction="sum") / n_seq
+    mlm_acc = (mlm_logits.argmax(-1) == labels).sum() / n_mlm  # an unused slot's label, -100, never matches
+    nsp_acc = (nsp_logits.argmax(-1) == nsp).sum() / n_seq
+    return mlm + nsp_loss, torch.stack([mlm + nsp_loss, mlm, nsp_loss, mlm_acc, nsp_acc]).detach()
+
+
+def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
+    """One optimizer step on one batch of B sequences (the same batch on every rank): this rank's
+    share, in grad_accum micro-batches, then clipping and AdamW. -> the stats of pretraining_loss
+    and a flag, 1.0 if the step was skipped; both stay on the device, so the GPU never waits."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    B, n_mlm = len(batch[0]), (batch[3] != -100).sum()
+    mine = [t[rank * B // world : (rank + 1) * B // world].chunk(cfg.grad_accum) for t in batch]
+    stats = 0
+    for i, micro in enumerate(zip(*mine)):
+        with model.no_sync() if world > 1 and i < cfg.grad_accum - 1 else nullcontext():  # one all-reduce, at the end
+            loss, s = loss_fn(model, *micro, n_mlm, B)
+            (loss * world).backward()  # DDP averages the ranks' gradients; the batch's loss is their sum
+        stats = stats + s
+    norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    # A non-finite loss makes a non-finite gradient norm. Then fused AdamW skips the whole update on
+    # the device, weights and moments alike (it reads found_inf, as it does for GradScaler): the
+    # guard costs no host sync.
+    optimizer.found_inf = (~norm.isfinite()).float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, optimizer.found_inf
+
+
+@torch.no_grad()
+def evaluate(model, ids, pairs, cfg, batch_size=64):
+    """Held-out MLM loss and accuracy, NSP accuracy, and top_share: how often the most frequent MLM
+    prediction is made (near 1: the model predicts one token everywhere). Masks from a fixed seed."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(ids.device).manual_seed(cfg.seed)
+    loss, hits, nsp_hits, n = (torch.zeros((), device=ids.device) for _ in range(4))
+    counts = torch.zeros(cfg.vocab_size, device=ids.device)
+    for i in range(0, len(pairs), batch_size):
+        x, seg, nsp = collate(ids, pairs[i : i + batch_size], cfg.max_len)
+        x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)
+        with autocast(ids.device):
+            mlm_logits, nsp_logits = model(x, seg, pos)
+        used = labels != -100  # (B, P)
+        logits, target = mlm_logits[used].float(), labels[used]  # (M, V), (M,)
+        loss += F.cross_entropy(logits, target, reduction="sum")
+        hits += (logits.argmax(-1) == target).sum()
+        counts += torch.bincount(logits.argmax(-1), minlength=cfg.vocab_size)
+        nsp_hits += (nsp_logits.argmax(-1) == nsp).sum()
+        n += len(target)
+    model.train(was_training)
+    m = torch.stack([loss / n, hits / n, nsp_hits / len(pairs), counts.max() / n]).tolist()
+    return dict(zip(("mlm_loss", "mlm_acc", "nsp_acc", "top_share"), m))
+
+
+def health_warning(history, m):
+    """A warning if this evaluation shows the run going wrong, else None. The slow plateau before MLM
+    accuracy climbs (flat for several epochs, many predictions "the") is normal and must not warn."""
+    if not history:
+        return None
+    best_acc, best_loss = max(h["mlm_acc"] for h in history), min(h["mlm_loss"] for h in history)
+    if m["top_share"] > 0.9 and m["mlm_acc"] < 0.8 * best_acc:
+        return (f"the model collapsed: it predicts one token at {m['top_share']:.0%} of the masked positions "
+                f"(MLM accuracy {m['mlm_acc']:.3f}, it had {best_acc:.3f}); start again with a lower --lr")
+    if m["mlm_loss"] > best_loss + 0.5:
+        return (f"the held-out MLM loss rose to {m['mlm_loss']:.3f} from its best {best_loss:.3f}: training is "
+                f"diverging; start again with a lower --lr")
+    return None
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, then rename it over the old one. A kill at any instant
+    leaves either the old checkpoint or the new one, never half of one; an interrupted write
+    (a second Ctrl-C) removes its temporary file."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None  # not the zip writer's complaint about being cut off
+        raise
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM sets a flag; the loop saves and exits between steps, never mid-update."""
+
+    def __enter__(self):
+        self.stop = False
+        self.old = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+    def handle(self, sig, frame):
+        if self.stop:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
+
+
+def log(folder, rank, record):  # metrics.jsonl: one JSON object per log line and per evaluation
+    if rank == 0:
+        with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
+    """The loop. corpus: the tokenized Corpus; train_docs: the indices of its training documents;
+    val_pairs: held-out pairs, or None. resume: a checkpoint state to continue from. stop_at: end
+    after that step as Ctrl-C does (for tests). Under torchrun, every process runs this."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    os.makedirs(cfg.out, exist_ok=True)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    raw = BERT(cfg).to(device)  # the same initial weights on every rank
+    model = nn.parallel.DistributedDataParallel(raw) if world > 1 else raw
+    optimizer = make_optimizer(raw, cfg)
+    loss_fn = torch.compile(pretraining_loss) if cfg.compile else pretraining_loss
+    gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # masks: the same on every rank
+    torch.manual_seed(cfg.seed + rank)  # dropout: different on every rank
+    ids = corpus.ids.to(device)  # the whole tokenized corpus, on the GPU: batches are gathered there
+    B, T, N = cfg.batch_size, cfg.max_len, len(make_pairs(corpus, train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob))
+    if N == 0:
+        sys.exit(f"minibert: error: {TOO_LITTLE}")
+    if resume is not None and resume["n_train_pairs"] != N:
+        sys.exit(f"minibert: error: --resume: this data gives {N} training pairs, the checkpoint's run had "
+                 f"{resume['n_train_pairs']}; pass the same --data")
+    steps_per_epoch = math.ceil(N / B)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    step, history, saved = 0, [], None
+    if resume is not None:
+        raw.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        step, history, saved = resume["step"], resume["history"], resume["step"]
+        random.setstate(resume["rng"]["python"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        gen.set_state(resume["rng"]["mask"])
+        if device.type == "cuda" and resume["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(resume["rng"]["cuda"])
+    if step >= total:
+        say(f"the run in {cfg.out}/ had finished its {total} steps; to train longer, --resume with a larger --max_steps or --epochs")
+        return raw
+    for name, text in (("tokenizer.json", tok.to_str()), ("config.json", json.dumps(dataclasses.asdict(cfg), indent=2))):
+        if resume is None and rank == 0:  # beside the weights, for demo, eval and export
+            with open(os.path.join(cfg.out, name + ".tmp"), "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(os.path.join(cfg.out, name + ".tmp"), os.path.join(cfg.out, name))
+    say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per epoch, "
+        f"{steps_per_epoch} steps per epoch of {B} sequences, {total} steps")
+    sums = torch.zeros(5, device=device)  # the stats summed over a log interval, on the device
+    skipped_n, run, worst = (torch.zeros((), device=device) for _ in range(3))  # non-finite steps: skipped, in a row, most in a row
+    n_steps, t_data, t0, pairs = 0, 0.0, time.time(), None
+    with StopRequest() as stopper:
+        while step < total:
+            epoch, i = divmod(step, steps_per_epoch)
+            t = time.time()
+            if pairs is None or i == 0:
+                pairs = epoch_pairs(corpus, train_docs, cfg, epoch, steps_per_epoch * B).to(device)
+            x, seg, nsp = collate(ids, pairs[i * B : (i + 1) * B], T)  # (B, T), (B, T), (B,)
+            x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)  # (B, T), (B, P), (B, P)
+            t_data += time.time() - t
+            lr = lr_at(step, total, cfg)
+            stats, skipped = train_step(model, optimizer, loss_fn, (x, seg, pos, labels, nsp), lr, cfg, rank, world)
+            step, n_steps = step + 1, n_steps + 1
+            sums += torch.where(skipped.bool(), 0.0, stats)  # a skipped step's stats are not finite
+            skipped_n, run = skipped_n + skipped, (run + 1) * skipped  # run: skipped steps in a row
+            worst = torch.maximum(worst, run)
+            if cfg.compile and n_steps == 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                say(f"compile: {time.time() - t0:.1f} s (the first step)")
+            last_step, epoch_end, logs = step == total, step % steps_per_epoch == 0, step % cfg.log_every == 0
+            stop = stopper.stop or step == stop_at
+            if world > 1:  # every rank must stop at the same step: they agree at log steps
+                flag = torch.tensor(float(stop), device=device)
+                if logs:
+                    dist.all_reduce(flag, dist.ReduceOp.MAX)
+                stop = logs and flag.item() > 0
+            save = epoch_end or last_step or step % cfg.save_every == 0 or stop
+            if (logs or save) and worst >= 3:  # reading the device's counter: a host sync per interval only
+                where = f"the last checkpoint (step {saved}) is in {cfg.out}/" if saved is not None else "no checkpoint was written"
+                sys.exit(f"minibert: error: {int(worst)} non-finite losses in a row at step {step} (those steps changed "
+                         f"nothing); lower --lr; {where}")
+            if logs or last_step:
+                if world > 1:
+                    dist.all_reduce(sums)
+                if sys.stderr.isatty():
+                    print("\r" + " " * 40 + "\r", end="", file=sys.stderr)  # clear the progress bar
+                if skipped_n > 0:
+                    say(f"warning: {int(skipped_n)} step(s) skipped since the last log line: non-finite loss", file=sys.stderr)
+                dt, m = time.time() - t0, (sums / max(1, n_steps - int(skipped_n))).tolist()
+                say(f"step {step}/{total} | loss {m[0]:.4f} | mlm {m[1]:.4f} | nsp {m[2]:.4f} | mlm_acc {m[3]:.3f} | "
+                    f"nsp_acc {m[4]:.3f} | lr {lr:.2e} | {n_steps * B * T / dt:,.0f} tok/s | data {100 * t_data / dt:.1f}%")
+                log(cfg.out, rank, dict(step=step, loss=m[0], mlm_loss=m[1], nsp_loss=m[2], mlm_acc=m[3], nsp_acc=m[4],
+                                        lr=lr, tok_per_s=n_steps * B * T / dt, data_share=t_data / dt))
+                sums.zero_(), skipped_n.zero_()
+                n_steps, t_data, t0 = 0, 0.0, time.time()
+            elif sys.stderr.isatty() and rank == 0:  # a progress bar between log lines
+                print(f"\r[{'#' * (20 * (step % cfg.log_every) // cfg.log_every):<20}] {step}/{total}", end="", file=sys.stderr)
+            t_pause = time.time()
+            if (epoch_end or last_step) and val_pairs is not None and rank == 0:
+                m = evaluate(raw, ids, val_pairs.to(device), cfg)
+                say(f"eval ({'end' if last_step else f'epoch {step // steps_per_epoch}'}) step {step}: mlm_loss "
+                    f"{m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
+                warning = health_warning(history, m)
+                if warning:
+                    say(f"warning: {warning}", file=sys.stderr)
+                history.append(m)
+                log(cfg.out, rank, {"eval": step, **m})
+            if save and rank == 0:
+                save_checkpoint(os.path.join(cfg.out, "model.pt"), {
+                    "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+                    "step": step, "n_train_pairs": N, "history": history,
+                    "tokenizer_sha256": hashlib.sha256(tok.to_str().encode()).hexdigest(),
+                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "mask": gen.get_state(),
+                            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
+                saved = step
+            t0 += time.time() - t_pause  # evaluation and saving don't count against tokens/s
+            if stop and not last_step:
+                say(f"stopped at step {step}; checkpoint saved in {cfg.out}/, continue with --resume", file=sys.stderr)
+                sys.exit(130)
+    say(f"done: checkpoint in {cfg.out}/; try: python minibert.py demo \"the [MASK] sat on the mat .\" --ckpt {cfg.out}")
+    return raw
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+@torch.no_grad()
+def fill_mask(model, tok, text, max_len, top_k=5):
+    """-> for each [MASK] in text, the top_k (word, probability) guesses; and the number of windows
+    read: a text longer than max_len is read in windows of max_len tokens, each around the first
+    [MASK] the previous ones missed, so that every [MASK] gets an answer."""
+    body, W = tok.encode(text, add_special_tokens=False).ids, max_len - 2  # W: text tokens per window
+    masks = [i for i, t in enumerate(body) if t == MASK]
+    device, guesses, windows = next(model.parameters()).device, [], 0
+    while len(guesses) < len(masks):
+        start = max(0, min(masks[len(guesses)] - W // 4, len(body) - W))  # some context before the mask
+        x = torch.tensor([[CLS] + body[start : start + W] + [SEP]], device=device)  # (1, T)
+        probs = model(x, torch.zeros_like(x))[0][0, 1:-1].float().softmax(-1)  # (T - 2, V)
+        for m in (m for m in masks[len(guesses) :] if m < start + W):
+            top = probs[m - start].topk(min(top_k, probs.size(-1)))
+            guesses.append([(tok.id_to_token(i), p) for p, i in zip(top.values.tolist(), top.indices.tolist())])
+        windows += 1
+    return guesses, windows
+
+
+# ----------------------------------------------------------------------------- data for the command line
+
+
+def die(msg):
+    """Bad input ends here: one line on stderr that says what to do, and exit status 1."""
+    sys.exit(f"minibert: error: {msg}")
+
+
+
 def read_cornell(folder):
     """Cornell Movie-Dialogs: each conversation is a document, each utterance a sentence."""
     def fields(name):
+        if not os.path.isfile(os.path.join(folder, name)):
+            die(f"--data {folder} has no {name}: the Cornell corpus folder holds movie_lines.txt and movie_conversations.txt")
         with open(os.path.join(folder, name), encoding="iso-8859-1") as f:
             return [line.rstrip("\n").split(" +++$+++ ") for line in f]
     lines = {r[0]: r[4].strip() for r in fields("movie_lines.txt") if len(r) == 5}
-    docs = []
-    for r in fields("movie_conversations.txt"):
-        ids = re.findall(r"L\d+", r[-1])
-        docs.append([lines[i] for i in ids if lines.get(i)])
-    return [d for d in docs if d]
+    convs = [re.findall(r"L\d+", r[-1]) for r in fields("movie_conversations.txt")]
+    return [d for d in ([lines[i] for i in ids if lines.get(i)] for ids in convs) if d]
+
+
+def read_lines(path):
+    """A UTF-8 text file (gzip-compressed if it ends in .gz), or the "text" column of a Parquet file
+    (the form of the hub's own WikiText files)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            die(f"--data {path} has no 'text' column (it has: {', '.join(table.column_names)})")
+        return table.column("text").to_pylist()
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        return f.read().splitlines()
 
 
 def read_corpus(paths):
@@ -159,385 +713,76 @@ def read_corpus(paths):
             docs += read_cornell(path)
             continue
         try:
-            with open(path, encoding="utf-8") as f:
-                docs += parse_wikitext(f.read().splitlines())
+            docs += parse_wikitext(read_lines(path))
         except FileNotFoundError:
             die(f"--data {path} does not exist; pass a UTF-8 text file")
-        except UnicodeDecodeError:
-            die(f"--data {path} is not UTF-8 text; convert it first (iconv -t utf-8)")
+        except (UnicodeDecodeError, gzip.BadGzipFile):
+            die(f"--data {path} is not UTF-8 text; convert it first: iconv -f latin1 -t utf-8 {path} > {path}.utf8.txt")
         except OSError as e:
-            die(f"cannot read --data {path}: {e.strerror}")
+            die(f"cannot read --data {path}: {e.strerror or e}")
+        except Exception as e:  # pyarrow on a damaged Parquet file
+            die(f"cannot read --data {path} ({type(e).__name__}); pass a UTF-8 text, .gz or .parquet file")
     if not docs:
         die(f"--data {' '.join(paths)} holds no text; pass a file with sentences in it")
     return docs
 
 
-def load_wikitext(split_names=("train", "validation")):
-    """WikiText-2 (raw) from the Hugging Face hub, or a one-line error that points to --data."""
+def load_hub(cfg, splits=("train", "validation")):
+    """A Hugging Face hub dataset -> {split: documents}. WikiText is read as a --data file is; in any
+    other dataset each row of its "text" column (or first text column) is a document."""
     try:
         import datasets
         import huggingface_hub
         datasets.logging.set_verbosity_error()  # no retry-by-retry log when the hub is unreachable
         huggingface_hub.logging.set_verbosity_error()
-        ds = datasets.load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1")
-    except Exception as e:  # no network, no hub, no datasets: all end the same way
-        die(f"cannot load WikiText-2 from the Hugging Face hub ({type(e).__name__}); offline, pass --data FILE")
-    return [parse_wikitext(ds[s]["text"]) for s in split_names]
-
-
-def encode_docs(tok, docs):
-    """Tokenize every sentence once, in one parallel batch; drop empty sentences and documents."""
-    flat = [s for d in docs for s in d]
-    ids = [e.ids for e in tok.encode_batch_fast(flat, add_special_tokens=False)]
-    out, i = [], 0
-    for d in docs:
-        sents = [s for s in ids[i : i + len(d)] if s]
-        i += len(d)
-        if sents:
-            out.append(sents)
+        ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None)
+    except Exception as e:  # no network, no hub, no datasets, no such dataset: all end the same way
+        die(f"cannot load {cfg.dataset} ({cfg.dataset_config}) from the Hugging Face hub ({type(e).__name__}); "
+            f"offline, pass --data FILE")
+    out = {}
+    for split in (s for s in splits if s in ds):
+        cols = [c for c, f in ds[split].features.items() if getattr(f, "dtype", "") in ("string", "large_string")]
+        if not cols:
+            die(f"{cfg.dataset} has no text column; pass --data FILE")
+        rows = ds[split]["text" if "text" in cols else cols[0]]
+        titled = any(is_title(r.strip()) for r in rows[:1000])
+        out[split] = parse_wikitext(rows) if titled else [SENTENCE_END.split(r.strip()) for r in rows if r.strip()]
     return out
 
 
-def make_pairs(docs, max_len, seed, short_seq_prob=0.1):
-    """(A, B, label) pairs from documents of tokenized sentences, as google-research/bert does.
-
-    Sentences are gathered until they fill the sequence; A is a random-length prefix of that
-    chunk. Label 0 (IsNext): B is the rest of the chunk. Label 1 (NotNext): B is a run of
-    sentences from another document, and the unused rest of the chunk goes back to the pool.
-    Unlike the paper's code, a chunk always holds at least two sentences and the labels come
-    from a shuffled deck, so the classes are balanced to within one pair.
-    """
-    if len(docs) < 2:  # NotNext needs another document
-        return []
-    rng = random.Random(seed)
-    max_tokens = max_len - 3  # room for [CLS], [SEP], [SEP]
-    pairs, deck = [], []
-    for d, doc in enumerate(docs):
-        target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
-        chunk, n, i = [], 0, 0
-        while i < len(doc):
-            chunk.append(doc[i])
-            n += len(doc[i])
-            if (n >= target and len(chunk) >= 2) or i == len(doc) - 1:
-                if len(chunk) >= 2:  # a last lone sentence is only used as a NotNext B
-                    cut = rng.randint(1, len(chunk) - 1)
-                    a = [t for s in chunk[:cut] for t in s]
-                    deck = deck or rng.sample([0, 1], 2)
-                    label = deck.pop()
-                    if label == 0:
-                        b = [t for s in chunk[cut:] for t in s]
-                    else:
-                        b = random_segment(docs, d, max(1, target - len(a)), rng)
-                        i -= len(chunk) - cut  # put the unused sentences back
-                    truncate_pair(a, b, max_tokens, rng)
-                    pairs.append((a, b, label))
-                chunk, n = [], 0
-                target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
-            i += 1
-    return pairs
+def split_docs(docs, share, seed):
+    """Hold out a share of the documents, whole, for evaluation (none if there are too few)."""
+    docs = docs[:]
+    random.Random(seed).shuffle(docs)
+    n_val = max(2, round(share * len(docs))) if share > 0 and len(docs) >= 8 else 0  # NotNext needs two
+    return docs[n_val:], docs[:n_val]
 
 
-def random_segment(docs, d, target, rng):
-    """Consecutive sentences from a random document other than d, at least target tokens long."""
-    other = rng.randrange(len(docs) - 1)
-    doc = docs[other + (other >= d)]  # skip d itself
-    seg = []
-    for s in doc[rng.randrange(len(doc)) :]:
-        seg += s
-        if len(seg) >= target:
-            break
-    return seg
-
-
-def truncate_pair(a, b, max_tokens, rng):
-    """Trim the longer of A and B one token at a time, at a random end, until they fit."""
-    while len(a) + len(b) > max_tokens:
-        longer = a if len(a) > len(b) else b
-        del longer[0 if rng.random() < 0.5 else -1]
-
-
-def collate(pairs, pad_to=1):
-    """Pairs -> padded tensors. Padded to the longest sequence (rounded up to pad_to)."""
-    T = max(len(a) + len(b) + 3 for a, b, _ in pairs)
-    T = -(-T // pad_to) * pad_to
-    ids = torch.full((len(pairs), T), PAD, dtype=torch.long)  # (B, T)
-    seg = torch.zeros_like(ids)  # (B, T) 0 for [CLS] A [SEP], 1 for B [SEP]
-    for i, (a, b, _) in enumerate(pairs):
-        n = len(a) + len(b) + 3
-        ids[i, :n] = torch.tensor([CLS, *a, SEP, *b, SEP])
-        seg[i, len(a) + 2 : n] = 1
-    nsp = torch.tensor([label for _, _, label in pairs])  # (B,) 0 = IsNext, 1 = NotNext
-    return ids, seg, nsp
-
-
-# ----------------------------------------------------------------------------- masking
-
-
-def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
-    """BERT's MLM corruption for a whole batch, drawn fresh every time it is called.
-
-    Exactly round(15 %) of each sequence's real tokens are chosen ([CLS], [SEP] and [PAD]
-    never are). Of those, 80 % become [MASK], 10 % a random token and 10 % stay: the model
-    must keep a good representation of every token, since it can't tell which were changed,
-    and [MASK] never appears at fine-tuning time. Labels are -100 (ignored) elsewhere.
-    """
-    B, T = ids.shape  # batch, sequence length
-    real = (ids != PAD) & (ids != CLS) & (ids != SEP)  # (B, T)
-    n_real = real.sum(1)  # (B,)
-    k = (n_real * mask_prob).round().clamp(min=1).minimum(n_real)  # (B,) tokens to choose per row
-    score = torch.rand(B, T, generator=gen).masked_fill(~real, 2.0)  # specials sort last
-    chosen = score.argsort(1).argsort(1) < k[:, None]  # (B, T) the k lowest scores of each row
-    labels = ids.masked_fill(~chosen, -100)
-    r = torch.rand(B, T, generator=gen)
-    inputs = ids.masked_fill(chosen & (r < 0.8), MASK)
-    rand = chosen & (r >= 0.8) & (r < 0.9)
-    random_ids = torch.randint(len(SPECIALS), vocab_size, (B, T), generator=gen)  # never special
-    inputs = torch.where(rand, random_ids, inputs)
-    return inputs, labels
-
-
-def make_batch(pairs, vocab_size, gen, mask_prob=0.15, pad_to=1):
-    ids, seg, nsp = collate(pairs, pad_to)
-    inputs, labels = mask_tokens(ids, vocab_size, gen, mask_prob)
-    return inputs, seg, labels, nsp
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def dropout(x, p, training):
-    """F.dropout, with a cheaper mask on the CPU. torch's CPU bernoulli_ draws one random number at a
-    time (~8 ns each); here each 64-bit draw is cut into four 16-bit ones, each kept when >= a
-    threshold: P(keep) = 1 - p to within 2^-16, 2.5x faster, and seeded by torch's generator as usual."""
-    if not training or p == 0 or x.device.type != "cpu":
-        return F.dropout(x, p, training)
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1).view(torch.int16)
-    keep = bits[:n].view(x.shape) >= round(p * 65536) - 32768
-    return torch.where(keep, x * (1 / (1 - p)), 0.0)
-
-
-class Embeddings(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.pos = nn.Embedding(cfg.max_position, cfg.hidden)  # learned, not sinusoidal
-        self.seg = nn.Embedding(2, cfg.hidden)  # sentence A or B
-        self.ln = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.p = cfg.dropout
-
-    def forward(self, ids, seg):
-        T = ids.size(1)
-        x = self.tok(ids) + self.pos.weight[:T] + self.seg(seg)  # (B, T, H)
-        return dropout(self.ln(x), self.p, self.training)
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.nh, self.p = cfg.heads, cfg.dropout
-        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)  # query, key, value in one matmul
-        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
-
-    def forward(self, x, mask, xq=None):
-        """xq: the positions that ask (default: all of x); keys and values come from all of x."""
-        B, T, H = x.shape  # batch, sequence length, hidden size
-        if xq is None:
-            xq = x
-            q, k, v = self.qkv(x).split(H, dim=2)  # 3 x (B, T, H)
-        else:  # the same weights, the query rows apart
-            q = F.linear(xq, self.qkv.weight[:H], self.qkv.bias[:H])  # (B, Tq, H)
-            k, v = F.linear(x, self.qkv.weight[H:], self.qkv.bias[H:]).split(H, dim=2)  # 2 x (B, T, H)
-        Tq, hs = xq.size(1), H // self.nh  # query positions, head size
-        q = q.view(B, Tq, self.nh, hs).transpose(1, 2)  # (B, nh, Tq, hs)
-        k, v = (t.view(B, T, self.nh, hs).transpose(1, 2) for t in (k, v))  # (B, nh, T, hs)
-        p = self.p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, Tq, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, Tq, H))  # (B, Tq, H)
-
-
-class Layer(nn.Module):
-    """Post-LayerNorm, as in the paper: each sublayer's output is added, then normalised."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.attn = SelfAttention(cfg)
-        self.ln1 = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.fc1 = nn.Linear(cfg.hidden, cfg.ffn)
-        self.fc2 = nn.Linear(cfg.ffn, cfg.hidden)
-        self.ln2 = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.p = cfg.dropout
-
-    def forward(self, x, mask, idx=None):
-        """idx (B, Tq): compute the output at these positions only (default: all)."""
-        xq = None if idx is None else x.gather(1, idx[:, :, None].expand(-1, -1, x.size(2)))  # (B, Tq, H)
-        x = self.ln1((x if xq is None else xq) + dropout(self.attn(x, mask, xq), self.p, self.training))  # (B, Tq, H)
-        h = self.fc2(F.gelu(self.fc1(x)))  # (B, T, H); exact erf GELU, as in the paper's code
-        return self.ln2(x + dropout(h, self.p, self.training))  # (B, T, H)
-
-
-class DecoderCrossEntropy(torch.autograd.Function):
-    """The MLM decoder and its mean cross-entropy in one step: (h, W, b, target) -> (loss, predictions).
-
-    Two savings over F.cross_entropy(F.linear(h, W, b), target), both about the (M, V) logits:
-    the gradient w.r.t. the logits is simply softmax - onehot, computed in place in one pass (no
-    zero-filled (M, V) gradient to scatter into); and the rows go in chunks of 256, so that no
-    tensor exceeds the 32 MB beyond which glibc hands out fresh, page-faulting memory every call.
-    """
-
-    @staticmethod
-    def forward(ctx, h, W, b, target, chunk=256):
-        loss, preds, logps = 0.0, [], []
-        for i in range(0, len(h), chunk):
-            logits = F.linear(h[i : i + chunk], W, b)  # (chunk, V)
-            preds.append(logits.argmax(-1))
-            logps.append(logits.float().log_softmax(-1))  # (chunk, V)
-            loss = loss - logps[-1].gather(1, target[i : i + chunk, None]).sum()
-        ctx.chunk = chunk
-        ctx.save_for_backward(h, W, target, *logps)
-        preds = torch.cat(preds)
-        ctx.mark_non_differentiable(preds)
-        return loss / len(h), preds
-
-    @staticmethod
-    def backward(ctx, grad_loss, _):
-        h, W, target, *logps = ctx.saved_tensors
-        s = grad_loss / len(h)  # the mean's 1/M, applied to the small operands
-        dh, dW, db = torch.empty(h.shape, dtype=torch.float32, device=h.device), None, 0
-        for i, logp in zip(range(0, len(h), ctx.chunk), logps):
-            d = logp.exp_()  # (chunk, V) softmax, in place: the saved log-probabilities are used up,
-            # so this graph can be backpropagated once only (no retain_graph)
-            d[torch.arange(len(d)), target[i : i + len(d)]] -= 1  # minus the one-hot target
-            hs = h[i : i + len(d)].float() * s  # (chunk, H)
-            dh[i : i + len(d)] = d @ W.float() * s
-            dW = d.t() @ hs if dW is None else dW.addmm_(d.t(), hs)  # (V, H), accumulated in the matmul
-            db = db + d.sum(0) * s
-        return dh, dW, db, None, None
-
-
-class BERT(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.emb = Embeddings(cfg)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
-        self.pool = nn.Linear(cfg.hidden, cfg.hidden)  # tanh "pooler" on [CLS]
-        self.nsp = nn.Linear(cfg.hidden, 2)  # IsNext / NotNext
-        self.mlm_dense = nn.Linear(cfg.hidden, cfg.hidden)
-        self.mlm_ln = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.decoder = nn.Linear(cfg.hidden, cfg.vocab_size)  # with its own bias, but ...
-        self.apply(self._init)
-        self.decoder.weight = self.emb.tok.weight  # ... its weight *is* the input embedding (tied)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
-
-    def encode(self, ids, seg, idx=None):
-        """-> hidden states (B, T, H); or (B, Tq, H) at positions idx, which the last layer alone
-        computes: its outputs elsewhere are never read, but its keys and values need every token."""
-        mask = (ids != PAD)[:, None, None, :]  # (B, 1, 1, T) keys a query may attend to
-        x = self.emb(ids, seg)  # (B, T, H)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, mask, idx if i == len(self.layers) - 1 else None)
-        return x
-
-    def mlm_transform(self, x):
-        return self.mlm_ln(F.gelu(self.mlm_dense(x)))  # (..., H)
-
-    def forward(self, ids, seg, mlm_labels=None, nsp_labels=None):
-        """Without labels: MLM logits (B, T, V) and NSP logits (B, 2), for the demo and export.
-        With labels: the MLM predictions (M,) at the M masked positions (row-major order), NSP
-        logits, and the two losses. Training runs the MLM head at the masked positions only: the
-        V-wide decoder is the largest matmul of a small BERT, and 85 % of its output is unused.
-        Losses and gradients are exactly those of the full computation (the tests check both).
-        """
-        if mlm_labels is None:
-            x = self.encode(ids, seg)  # (B, T, H)
-            nsp_logits = self.nsp(torch.tanh(self.pool(x[:, 0])))  # (B, 2)
-            return self.decoder(self.mlm_transform(x)), nsp_logits, None, None  # (B, T, V)
-        # Training reads the last layer at [CLS] and the ~15 % masked positions only, so it runs
-        # there only: idx lists [CLS] first, then each row's masked positions in order, padded.
-        chosen = mlm_labels != -100  # (B, T)
-        Tq = 1 + int(chosen.sum(1).max())  # query positions of the last layer
-        key = chosen.float() + 2 * (torch.arange(ids.size(1), device=ids.device) == 0)  # [CLS] 2, masked 1
-        idx = key.argsort(dim=1, descending=True, stable=True)[:, :Tq]  # (B, Tq)
-        x = self.encode(ids, seg, idx)  # (B, Tq, H)
-        nsp_logits = self.nsp(torch.tanh(self.pool(x[:, 0])))  # (B, 2)
-        sel = chosen.gather(1, idx)  # (B, Tq) which of the slots are masked positions
-        h = self.mlm_transform(x[sel])  # (M, H), in the row-major order of labels[labels != -100]
-        mlm_loss, mlm_pred = DecoderCrossEntropy.apply(h, self.decoder.weight, self.decoder.bias, mlm_labels[chosen])
-        nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels)
-        return mlm_pred, nsp_logits, mlm_loss, nsp_loss
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def lr_at(step, total, cfg):
-    """Linear warm-up over the first `warmup` share of the steps, then linear decay to 0."""
-    warm = max(1, int(cfg.warmup * total))
-    return cfg.lr * min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
-
-
-def make_optimizer(model, cfg, device):
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # weight matrices and embeddings
-    other = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=True)
-
-
-def compile_layers(model, cfg):
-    """--compile: torch.compile each encoder layer, in place (the state dict keeps its names). The
-    data-dependent gathers around them stay eager; the last layer's varying shapes compile once, dynamic."""
-    if cfg.compile:
-        for layer in model.layers:
-            layer.compile()
-
-
-def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls are far slower)
-    if device.type != "cuda":
-        return nullcontext()
-    torch.backends.cuda.matmul.allow_tf32 = True  # for what autocast leaves in fp32
-    return torch.autocast("cuda", dtype=torch.bfloat16)
-
-
-def to_device(batch, device):
-    pin = device.type == "cuda"
-    return [t.pin_memory().to(device, non_blocking=True) if pin else t for t in batch]
-
-
-@torch.no_grad()
-def evaluate(model, pairs, cfg, device, batch_size=64):
-    """MLM loss and accuracy, NSP accuracy over pairs; a fixed seed masks the same every time."""
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    mlm_loss = mlm_hits = n_mlm = nsp_hits = 0
-    for i in range(0, len(pairs), batch_size):
-        ids, seg, labels, nsp = to_device(make_batch(pairs[i : i + batch_size], cfg.vocab_size, gen, cfg.mask_prob), device)
-        with autocast(device):
-            mlm_pred, nsp_logits, loss, _ = model(ids, seg, labels, nsp)
-        target = labels[labels != -100]
-        mlm_loss += loss.item() * len(target)
-        mlm_hits += (mlm_pred == target).sum().item()
-        n_mlm += len(target)
-        nsp_hits += (nsp_logits.argmax(-1) == nsp).sum().item()
-    model.train(was_training)
-    return {"mlm_loss": mlm_loss / max(1, n_mlm), "mlm_acc": mlm_hits / max(1, n_mlm), "nsp_acc": nsp_hits / max(1, len(pairs))}
-
-
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename it over the old one. A kill at any instant
-    leaves either the old checkpoint or the new one, never half of one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def cached_corpus(tok, docs, folder):
+    """encode_corpus, cached in folder/corpus-KEY.pt, KEY a hash of the documents and the tokenizer: a
+    cache of other text or of another tokenizer is never used, and a damaged one is rebuilt.
+    -> (Corpus, whether it came from the cache)."""
+    h = hashlib.sha256(tok.to_str().encode())
+    for d in docs:
+        h.update("\n".join(d).encode() + b"\0")
+    key = h.hexdigest()
+    path = os.path.join(folder, f"corpus-{key[:16]}.pt")
+    if os.path.exists(path):
+        try:
+            c = torch.load(path, weights_only=True)
+            corpus = Corpus(c["ids"], c["sents"], c["docs"])
+            if c["key"] == key and len(corpus.docs) == len(docs) + 1 and int(corpus.docs[-1]) == len(corpus.sents) - 1 \
+                    and int(corpus.sents[-1]) == len(corpus.ids) and corpus.ids.dtype == torch.int32:
+                return corpus, True
+        except Exception:
+            pass
+        print(f"warning: {path} is damaged or stale; tokenizing again", file=sys.stderr)
+    corpus = encode_corpus(tok, docs)
+    try:
+        save_checkpoint(path, {"key": key, **corpus._asdict()})
+    except OSError:  # a read-only folder: no cache
+        pass
+    return corpus, False
 
 
 def load_checkpoint(folder):
@@ -572,192 +817,16 @@ def load_model(folder, device):
     return model.to(device).eval(), tok, cfg
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM sets a flag; the loop saves and exits between steps, never mid-update."""
-
-    def __enter__(self):
-        self.stop = False
-        self.old = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-    def handle(self, sig, frame):
-        if self.stop:  # a second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self.stop = True
-        print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
-
-
-def train(cfg, tok, train_docs, val_pairs, resume=None, stop_at=None):
-    """The loop, over tokenized documents. resume: a checkpoint state to continue from. stop_at:
-    end this session after that step exactly as Ctrl-C does (the resume test uses it)."""
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = BERT(cfg).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    compile_layers(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # masks
-    step, bad_steps = 0, 0
-    tok_json = tok.to_str()
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        step = resume["step"]
-        rng = resume["rng"]
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        gen.set_state(rng["mask"])
-        if device.type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
-    B, N = cfg.batch_size, len(make_pairs(train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob))
-    steps_per_epoch = math.ceil(N / B)
-    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    ckpt_path = os.path.join(cfg.out, "model.pt")
-    log_path = os.path.join(cfg.out, "metrics.jsonl")
-    pad_to = 8 if device.type == "cuda" else 1  # tensor cores like multiples of 8
-
-    def checkpoint():
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-            "step": step, "epoch": step // steps_per_epoch, "n_train_pairs": N,
-            "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
-            "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "mask": gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-        }
-        save_checkpoint(ckpt_path, state)
-
-    def epoch_pairs(epoch):
-        """New pairs (new A/B cuts, new NotNext partners) in a new order every epoch, as the paper's
-        code makes 10 differently paired copies of the data: with fixed pairs, a small corpus lets
-        NSP memorise them. A function of (seed, epoch) alone, so a resumed run sees the same; cut or
-        topped up to N pairs, so every epoch has the same number of steps."""
-        pairs = make_pairs(train_docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob)
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch)).tolist()
-        return [pairs[j] for j in (order * (1 + N // len(order)))[:N]]
-
-    def log(record):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def run_eval(tag):
-        m = evaluate(model, val_pairs, cfg, device)
-        print(f"eval ({tag}) step {step}: mlm_loss {m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f}")
-        log({"eval": tag, "step": step, **m})
-
-    if resume is None:  # the tokenizer and config go beside the weights, for demo, eval and export
-        os.makedirs(cfg.out, exist_ok=True)
-        for name, text in (("tokenizer.json", tok_json), ("config.json", json.dumps(dataclasses.asdict(cfg), indent=2))):
-            with open(os.path.join(cfg.out, name + ".tmp"), "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(os.path.join(cfg.out, name + ".tmp"), os.path.join(cfg.out, name))
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters | {N} training pairs per epoch, {steps_per_epoch} steps per epoch, {total} steps")
-    with StopRequest() as stopper:
-        model.train()
-        sums, n_ok, n_tok, t_data, t0 = torch.zeros(5), 0, 0, 0.0, time.time()
-        pairs, pairs_epoch = None, -1
-        while step < total:
-            t = time.time()
-            epoch, i = divmod(step, steps_per_epoch)
-            if epoch != pairs_epoch:
-                pairs, pairs_epoch = epoch_pairs(epoch), epoch
-            batch = make_batch(pairs[i * B : (i + 1) * B], cfg.vocab_size, gen, cfg.mask_prob, pad_to)
-            ids, seg, labels, nsp = to_device(batch, device)
-            t_data += time.time() - t
-            lr = lr_at(step, total, cfg)
-            stats = train_step(model, optimizer, (ids, seg, labels, nsp), lr, cfg.grad_clip)
-            step += 1
-            if stats is None:  # a non-finite loss: the step was skipped, the weights are as they were
-                bad_steps += 1
-                print(f"warning: non-finite loss at step {step}; step skipped", file=sys.stderr)
-                if bad_steps >= 3:
-                    die(f"{bad_steps} non-finite losses in a row; lower --lr. The last good checkpoint is in {cfg.out}/")
-            else:
-                bad_steps, n_ok, sums = 0, n_ok + 1, sums + stats
-                n_tok += int((ids != PAD).sum())
-            last_step = step == total
-            if step % cfg.log_every == 0 or last_step:
-                if sys.stderr.isatty():
-                    print("\r" + " " * 40 + "\r", end="", file=sys.stderr)  # clear the progress bar
-                dt = time.time() - t0
-                m = (sums / max(1, n_ok)).tolist()
-                print(f"step {step}/{total} | loss {m[0]:.4f} | mlm {m[1]:.4f} | nsp {m[2]:.4f} | mlm_acc {m[3]:.3f} | "
-                      f"nsp_acc {m[4]:.3f} | lr {lr:.2e} | {n_tok / dt:,.0f} tok/s | data {100 * t_data / dt:.1f}%")
-                log(dict(step=step, loss=m[0], mlm_loss=m[1], nsp_loss=m[2], mlm_acc=m[3], nsp_acc=m[4], lr=lr,
-                         tok_per_s=n_tok / dt, data_share=t_data / dt))
-                sums, n_ok, n_tok, t_data, t0 = torch.zeros(5), 0, 0, 0.0, time.time()
-            elif sys.stderr.isatty():  # a progress bar between log lines
-                bar = "#" * (20 * (step % cfg.log_every) // cfg.log_every)
-                print(f"\r[{bar:<20}] {step}/{total}", end="", file=sys.stderr, flush=True)
-            epoch_end, t_pause = step % steps_per_epoch == 0, time.time()
-            if (epoch_end or last_step) and val_pairs:
-                run_eval("end" if last_step else f"epoch {step // steps_per_epoch}")
-            stop = stopper.stop or step == stop_at
-            if epoch_end or last_step or step % cfg.save_every == 0 or stop:
-                checkpoint()
-            t0 += time.time() - t_pause  # evaluation and saving don't count against tokens/s
-            if stop and not last_step:
-                print(f"stopped at step {step}; checkpoint saved in {cfg.out}/, continue with --resume", file=sys.stderr)
-                sys.exit(130)
-    print(f"done: checkpoint in {cfg.out}/; try: python minibert.py demo \"the [MASK] sat on the mat .\" --ckpt {cfg.out}")
-    return model
-
-
-def train_step(model, optimizer, batch, lr, grad_clip):
-    """Forward, both losses, backward, clip, AdamW. -> (loss, mlm loss, nsp loss, mlm acc, nsp acc)
-    on the CPU, or None when the loss was not finite (then nothing is updated)."""
-    ids, seg, labels, nsp = batch
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with autocast(ids.device):
-        mlm_pred, nsp_logits, mlm_loss, nsp_loss = model(ids, seg, labels, nsp)
-    loss = mlm_loss + nsp_loss  # the paper's objective: the two losses summed
-    mlm_acc = (mlm_pred == labels[labels != -100]).float().mean()
-    nsp_acc = (nsp_logits.argmax(-1) == nsp).float().mean()
-    stats = torch.stack([loss.detach(), mlm_loss.detach(), nsp_loss.detach(), mlm_acc, nsp_acc]).float().cpu()
-    if not stats[0].isfinite():
-        optimizer.zero_grad(set_to_none=True)
-        return None
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return stats
-
-
-# ----------------------------------------------------------------------------- demo
-
-
-@torch.no_grad()
-def fill_mask(model, tok, text, max_len, top_k=5):
-    """-> for each [MASK] in text, the top_k (word, probability) guesses."""
-    ids = tok.encode(text).ids  # [CLS] ... [SEP]
-    if len(ids) > max_len:  # keep a window of the text that holds the masks
-        body = ids[1:-1]
-        first = body.index(MASK)
-        start = max(0, min(first, len(body) - (max_len - 2)))
-        ids = [CLS] + body[start : start + max_len - 2] + [SEP]
-        print(f"warning: the text is longer than {max_len} tokens; using tokens {start}..{start + max_len - 2}", file=sys.stderr)
-    x = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
-    logits, _, _, _ = model(x, torch.zeros_like(x))  # (1, T, V)
-    probs = logits[0, x[0] == MASK].float().softmax(-1)  # (masks, V)
-    top = probs.topk(top_k, dim=-1)
-    return [[(tok.id_to_token(i), p) for p, i in zip(ps.tolist(), ix.tolist())] for ps, ix in zip(top.values, top.indices)]
-
-
 # ----------------------------------------------------------------------------- bench
 
 
-def train_flops(cfg, B, T, M):
-    """Useful FLOPs of one training step (2 per multiply-add; backward = 2 x forward): what the
-    losses need, so the last layer and the MLM head count at [CLS] and the M masked positions."""
+def train_flops(cfg, B, T, P):
+    """Useful FLOPs of one training step (2 per multiply-add; backward = 2 x forward), as run: the last
+    layer's attention output, FFN and the MLM head at [CLS] and the P prediction slots only."""
     H, F_, V = cfg.hidden, cfg.ffn, cfg.vocab_size
     layer = 2 * (4 * H * H + 2 * H * F_) + 4 * T * H  # per position: qkv, proj, ffn; q.k and att.v
-    last = B * T * 2 * (2 * H * H) + (M + B) * (2 * (2 * H * H + 2 * H * F_) + 4 * T * H)  # k, v everywhere
-    heads = M * 2 * (H * H + H * V) + B * 2 * (H * H + 2 * H)  # MLM at the masks; pooler and NSP
+    last = B * T * 2 * 3 * H * H + B * (1 + P) * (2 * (H * H + 2 * H * F_) + 4 * T * H)
+    heads = B * P * 2 * (H * H + H * V) + B * 2 * (H * H + 2 * H)  # MLM at the slots; pooler and NSP
     return 3 * ((cfg.layers - 1) * B * T * layer + last + heads)
 
 
@@ -776,30 +845,33 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "
 
 
 def bench(cfg, steps=20, warmup=5):
-    """Time the full training step on a synthetic batch of full-length sequences."""
+    """Time the full training step (train_step: forward, both losses, backward, clip, AdamW) on a
+    synthetic batch of full-length sequences."""
     device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # for what autocast leaves in fp32
     torch.manual_seed(cfg.seed)
     model = BERT(cfg).to(device).train()
-    optimizer = make_optimizer(model, cfg, device)
-    compile_layers(model, cfg)
+    optimizer = make_optimizer(model, cfg)
+    loss_fn = torch.compile(pretraining_loss) if cfg.compile else pretraining_loss
     B, T, V = cfg.batch_size, cfg.max_len, cfg.vocab_size
-    gen = torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(len(SPECIALS), V, (B, T), generator=gen)
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    ids = torch.randint(len(SPECIALS), V, (B, T), generator=gen, device=device)
     ids[:, 0], ids[:, T // 2], ids[:, -1] = CLS, SEP, SEP
-    seg = (torch.arange(T) > T // 2).long().expand(B, T).contiguous()
-    nsp = torch.randint(0, 2, (B,), generator=gen)
-    inputs, labels = mask_tokens(ids, V, gen, cfg.mask_prob)
-    batch = to_device((inputs, seg, labels, nsp), device)
+    seg = (torch.arange(T, device=device) > T // 2).long().expand(B, T)
+    batch = (*mask_tokens(ids, V, gen, cfg.mask_prob), torch.randint(0, 2, (B,), generator=gen, device=device))
+    batch = (batch[0], seg, *batch[1:])  # (ids, seg, pos, labels, nsp)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        train_step(model, optimizer, batch, cfg.lr, cfg.grad_clip)
-    sync()
     t = time.perf_counter()
+    for _ in range(warmup):
+        train_step(model, optimizer, loss_fn, batch, cfg.lr, cfg)
+    sync()
+    t_warmup, t = time.perf_counter() - t, time.perf_counter()
     for _ in range(steps):
-        train_step(model, optimizer, batch, cfg.lr, cfg.grad_clip)
+        train_step(model, optimizer, loss_fn, batch, cfg.lr, cfg)
     sync()
     dt = (time.perf_counter() - t) / steps
-    flops = train_flops(cfg, B, T, int((labels != -100).sum()))
+    flops = train_flops(cfg, B, T, batch[2].size(1))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 989e12)
@@ -808,7 +880,7 @@ def bench(cfg, steps=20, warmup=5):
         peak = cpu_matmul_peak()
         peak_note = f"CPU, {torch.get_num_threads()} threads, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
     return {"device": str(device), "peak_note": peak_note, "batch_size": B, "max_len": T, "ms_per_step": 1e3 * dt,
-            "tokens_per_s": B * T / dt, "tflops_per_step": flops / 1e12, "mfu": flops / dt / peak}
+            "tokens_per_s": B * T / dt, "tflops_per_step": flops / 1e12, "mfu": flops / dt / peak, "warmup_s": t_warmup}
 
 
 # ----------------------------------------------------------------------------- export
@@ -847,6 +919,8 @@ def hf_state_dict(sd, cfg):
 def export_hf(folder, to):
     """A folder that transformers' BertForPreTraining.from_pretrained and AutoTokenizer load."""
     state, tok, cfg = load_checkpoint(folder)
+    if os.path.exists(os.path.join(to, "model.pt")) or os.path.realpath(to) == os.path.realpath(folder):
+        die(f"--to {to} holds a minibert checkpoint, which export would overwrite; export to a new folder")
     try:
         os.makedirs(to, exist_ok=True)
     except OSError as e:
@@ -862,10 +936,8 @@ def export_hf(folder, to):
     }
     special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position,
-                  "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
-                  "do_lower_case": True, **special}
-    files = {"config.json": config, "tokenizer_config.json": tok_config, "special_tokens_map.json": special}
-    for name, obj in files.items():
+                  "model_input_names": ["input_ids", "token_type_ids", "attention_mask"], "do_lower_case": True, **special}
+    for name, obj in {"config.json": config, "tokenizer_config.json": tok_config, "special_tokens_map.json": special}.items():
         with open(os.path.join(to, name), "w") as f:
             json.dump(obj, f, indent=2)
     tok.save(os.path.join(to, "tokenizer.json"))
@@ -888,15 +960,19 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_config_flags(p):
-    """Every Config field becomes a flag of the same name and type, so the two never drift."""
+    """Every Config field becomes a flag of the same name and type, its comment the help, so they never drift."""
+    helps = dict(re.findall(r"^    (\w+): \w+ = .+?  # (.+)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
+        h = f"{helps.get(f.name, '')} (default {f.default})".replace("%", "%%")
         if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=h)
         elif f.name == "device":
-            p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None, help="default auto")
+            p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None, help=h)
         else:
-            p.add_argument(f"--{f.name}", type=f.type, default=None, metavar=f.type.__name__.upper(), help=f"default {f.default}")
-    p.add_argument("--preset", choices=list(PRESETS), help="model size; explicit --layers etc. override it (default mini)")
+            p.add_argument(f"--{f.name}", type=f.type, default=None, metavar=f.type.__name__.upper(), help=h)
+    presets = ", ".join(f"{k} ({v[0]} x {v[1]}, lr {v[2]:g})" for k, v in PRESETS.items())
+    p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; explicit "
+                   "--layers, --lr etc. override it (default mini)")
 
 
 def build_config(args, base=None):
@@ -908,8 +984,8 @@ def build_config(args, base=None):
     return dataclasses.replace(cfg, **given), given
 
 
-def check_config(cfg):
-    positive = ["layers", "hidden", "heads", "ffn", "vocab_size", "max_position", "max_len", "batch_size",
+def check_config(cfg, world=1):
+    positive = ["layers", "hidden", "heads", "ffn", "vocab_size", "max_position", "max_len", "batch_size", "grad_accum",
                 "epochs", "lr", "log_every", "save_every"]
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -928,6 +1004,8 @@ def check_config(cfg):
         die(f"--mask_prob must be in (0, 1), not {cfg.mask_prob}")
     if cfg.vocab_size <= len(SPECIALS):
         die(f"--vocab_size must exceed the {len(SPECIALS)} special tokens")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        die(f"--batch_size {cfg.batch_size} must be a multiple of {world} process(es) x --grad_accum {cfg.grad_accum}")
 
 
 def resolve_device(name):
@@ -936,21 +1014,6 @@ def resolve_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         die("--device cuda, but torch sees no CUDA GPU; use --device cpu (or install a CUDA build of torch)")
     return name
-
-
-def split_docs(docs, share, seed):
-    """Hold out a share of the documents, whole, for evaluation (none if there are too few)."""
-    docs = docs[:]
-    random.Random(seed).shuffle(docs)
-    n_val = max(2, round(share * len(docs))) if share > 0 and len(docs) >= 8 else 0  # NotNext needs two
-    return docs[n_val:], docs[:n_val]
-
-
-def pairs_or_die(docs, cfg, seed):
-    pairs = make_pairs(docs, cfg.max_len, seed, cfg.short_seq_prob)
-    if not pairs:
-        die("too little text to build a single sentence pair: give at least two documents of two sentences or more")
-    return pairs
 
 
 def prepare_output(folder):
@@ -968,37 +1031,49 @@ def cmd_train(args):
     resume = None
     if args.resume:
         resume, tok, saved = load_checkpoint(cfg.out)
-        for name in SHAPE:
+        for name in ("layers", "hidden", "heads", "ffn", "vocab_size", "max_position"):  # the weights' shape
             if name in given and given[name] != getattr(saved, name):
                 die(f"--resume: the checkpoint in {cfg.out}/ has {name} {getattr(saved, name)}, not {given[name]}; drop --{name}")
-        if args.preset and apply_preset(saved, args.preset) != saved:
+        if args.preset and apply_preset(saved, args.preset) != dataclasses.replace(saved, lr=PRESETS[args.preset][2]):
             die(f"--resume: the checkpoint in {cfg.out}/ is not the {args.preset} preset; drop --preset")
-        cfg = dataclasses.replace(saved, **{k: v for k, v in given.items() if k not in SHAPE})
+        cfg = dataclasses.replace(saved, **given)
     elif os.path.exists(os.path.join(cfg.out, "model.pt")):
         die(f"{cfg.out}/ already holds a checkpoint; continue it with --resume, or pick a new folder with --out")
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
-    check_config(cfg)
+    if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs
+        if cfg.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    check_config(cfg, world)
+    if cfg.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # for what autocast leaves in fp32
     t0 = time.time()
     if args.data:
         train_docs, val_docs = split_docs(read_corpus(args.data), cfg.val_share, cfg.seed)
     else:
-        train_docs, val_docs = load_wikitext()
+        hub = load_hub(cfg)
+        if "train" not in hub:
+            die(f"{cfg.dataset} has no train split; pass --data FILE")
+        train_docs, val_docs = (hub["train"], hub["validation"]) if "validation" in hub else \
+            split_docs(hub["train"], cfg.val_share, cfg.seed)
     prepare_output(cfg.out)
     if resume is None:
-        tok = train_tokenizer((s for d in train_docs for s in d), cfg.vocab_size)
+        tok = train_tokenizer((s for d in train_docs for s in d), cfg.vocab_size) if rank == 0 else None
+        if world > 1:  # its training is not deterministic: rank 0's goes to every rank
+            tok = [tok.to_str() if rank == 0 else None]
+            dist.broadcast_object_list(tok, 0)
+            tok = Tokenizer.from_str(tok[0])
         cfg = dataclasses.replace(cfg, vocab_size=tok.get_vocab_size())
     t_tok = time.time() - t0
-    train_docs = encode_docs(tok, train_docs)
-    train_pairs = pairs_or_die(train_docs, cfg, cfg.seed)  # the first epoch's
-    val_pairs = make_pairs(encode_docs(tok, val_docs), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)
-    if resume is not None and resume["n_train_pairs"] != len(train_pairs):
-        die(f"--resume: this data gives {len(train_pairs)} training pairs, the checkpoint's run had {resume['n_train_pairs']}; pass the same --data")
-    print(f"data: {time.time() - t0:.1f} s (reading and tokenizer {t_tok:.1f} s) | {len(train_docs)} documents, "
-          f"{len(train_pairs)} pairs for training, {len(val_pairs)} held out | vocabulary {tok.get_vocab_size()}")
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
-    if resume is not None:
-        print(f"resuming from step {resume['step']}")
-    train(cfg, tok, train_docs, val_pairs, resume)
+    corpus, cached = cached_corpus(tok, train_docs + val_docs, cfg.out)
+    n = len(train_docs)
+    val_pairs = make_pairs(corpus, range(n, n + len(val_docs)), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)
+    if rank == 0:
+        print(f"data: {time.time() - t0:.1f} s (reading and tokenizer {t_tok:.1f} s{', corpus from the cache' if cached else ''})"
+              f" | {n} documents, {len(corpus.ids):,} tokens in all, {len(val_pairs)} pairs held out | vocabulary {tok.get_vocab_size()}")
+        print("config:", json.dumps(dataclasses.asdict(cfg)))
+    train(cfg, tok, corpus, range(n), val_pairs if len(val_pairs) else None, resume)
 
 
 def cmd_demo(args):
@@ -1006,16 +1081,25 @@ def cmd_demo(args):
     if "[MASK]" not in args.text:
         die('the text has no [MASK]; try: python minibert.py demo "the [MASK] sat on the mat ."')
     model, tok, cfg = load_model(args.ckpt, resolve_device(args.device))
-    for i, guesses in enumerate(fill_mask(model, tok, args.text, cfg.max_len, args.top_k)):
-        print(f"[MASK] {i + 1}: " + "  ".join(f"{w} {p:.3g}" for w, p in guesses))
+    guesses, windows = fill_mask(model, tok, args.text, cfg.max_len, args.top_k)
+    if windows > 1:
+        print(f"note: the text is longer than the model's {cfg.max_len} tokens; it was read in {windows} windows, "
+              "each around a [MASK]", file=sys.stderr)
+    for i, g in enumerate(guesses):
+        print(f"[MASK] {i + 1}: " + "  ".join(f"{w} {p:.3g}" for w, p in g))
 
 
 def cmd_eval(args):
     device = resolve_device(args.device)
     model, tok, cfg = load_model(args.ckpt, device)
-    docs = read_corpus(args.data) if args.data else load_wikitext(("validation",))[0]
-    pairs = pairs_or_die(encode_docs(tok, docs), cfg, cfg.seed + 1)
-    m = evaluate(model, pairs, dataclasses.replace(cfg, device=device), torch.device(device))
+    docs = read_corpus(args.data) if args.data else load_hub(cfg, ("validation",)).get("validation")
+    if not docs:
+        die(f"{cfg.dataset} has no validation split; pass --data FILE")
+    corpus, _ = cached_corpus(tok, docs, args.ckpt)
+    pairs = make_pairs(corpus, range(len(docs)), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)
+    if not len(pairs):
+        die(TOO_LITTLE)
+    m = evaluate(model, corpus.ids.to(device), pairs.to(device), dataclasses.replace(cfg, device=device))
     m["pairs"] = len(pairs)
     if args.json:
         print(json.dumps(m))
@@ -1031,23 +1115,24 @@ def cmd_bench(args):
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"{r['device']}: {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tokens/s | "
-              f"MFU {100 * r['mfu']:.1f}% ({r['peak_note']}) | batch {r['batch_size']} x {r['max_len']}")
+        print(f"{r['device']}: {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tokens/s | MFU {100 * r['mfu']:.1f}% "
+              f"({r['peak_note']}) | batch {r['batch_size']} x {r['max_len']} | warm-up {r['warmup_s']:.1f} s")
 
 
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once, also in a file
     p = Parser(prog="minibert.py", description="BERT pretraining from scratch, in one file.", allow_abbrev=False)
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
-    t = sub.add_parser("train", allow_abbrev=False, help="pretrain (WikiText-2 from the hub, or --data FILE)")
+    sub = p.add_subparsers(dest="cmd", parser_class=Parser)
+    t = sub.add_parser("train", allow_abbrev=False, help="pretrain (a hub dataset, or --data FILE)")
     add_config_flags(t)
-    t.add_argument("--data", nargs="+", metavar="FILE", help="local text (WikiText layout) or the Cornell Movie-Dialogs folder")
+    t.add_argument("--data", nargs="+", action="extend", metavar="FILE",
+                   help="local text (WikiText layout; .txt, .gz or .parquet) or the Cornell Movie-Dialogs folder")
     t.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     d = sub.add_parser("demo", allow_abbrev=False, help="fill in the [MASK]s of a sentence")
     d.add_argument("text")
-    d.add_argument("--top_k", type=int, default=5)
+    d.add_argument("--top_k", type=int, default=5, help="guesses per [MASK] (default 5)")
     e = sub.add_parser("eval", allow_abbrev=False, help="MLM loss/accuracy and NSP accuracy on a text")
-    e.add_argument("--data", nargs="+", metavar="FILE", help="default: WikiText-2 validation from the hub")
+    e.add_argument("--data", nargs="+", action="extend", metavar="FILE", help="default: the hub dataset's validation split")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     b = sub.add_parser("bench", allow_abbrev=False, help="time the training step on synthetic batches")
     add_config_flags(b)
@@ -1060,15 +1145,24 @@ def main(argv=None):
     for q in (d, e):
         q.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     args = p.parse_args(argv)
+    if args.cmd is None:
+        p.print_help(sys.stderr)
+        sys.exit(2)
     for name in ("top_k", "steps"):
         if getattr(args, name, 1) < 1:
             die(f"--{name} must be positive, not {getattr(args, name)}")
     try:
         {"train": cmd_train, "demo": cmd_demo, "eval": cmd_eval, "bench": cmd_bench, "export": lambda a: export_hf(a.ckpt, a.to)}[args.cmd](args)
     except KeyboardInterrupt:
-        sys.exit("minibert: interrupted")
-    except torch.OutOfMemoryError:
-        die("out of memory; lower --batch_size or --max_len")
+        print("\nminibert: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        die("out of memory; lower --batch_size (use --grad_accum to keep the batch) or --max_len")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
