@@ -1,27 +1,25 @@
 """
 minibert: BERT pretraining from scratch, in one file of plain PyTorch.
 
-The recipe of Devlin et al. (2018): a WordPiece vocabulary, [CLS] A [SEP] B [SEP] sentence
-pairs, token + position + segment embeddings, a post-LayerNorm Transformer encoder, and two
-heads trained jointly with their losses summed: masked-language modelling (MLM) and
-next-sentence prediction (NSP). The weights map one to one onto Hugging Face's
-BertForPreTraining (see `export`).
+The recipe of Devlin et al. (2018): a WordPiece vocabulary, [CLS] A [SEP] B [SEP] sentence pairs,
+token + position + segment embeddings, a post-LayerNorm Transformer encoder, and two heads trained
+jointly with their losses summed: masked-language modelling (MLM) and next-sentence prediction
+(NSP). The weights map one to one onto Hugging Face's BertForPreTraining (see `export`).
 
     python minibert.py train --device cuda            # WikiText-2 from the Hugging Face hub
     python minibert.py train --data wiki.txt          # offline: any text file
     python minibert.py demo "the [MASK] sat on the mat ."
     torchrun --nproc_per_node 4 minibert.py train     # several GPUs: DistributedDataParallel
 
-The file reads in the order the data flows: config, tokenizer, corpus and pairs, masking, model,
-training, demo. After the demo: reading files and the hub, the corpus cache, checkpoints, bench,
-export and the command line.
+It reads in the order the data flows: config, tokenizer, corpus and pairs, masking, model, training,
+demo. After the demo come the command line's helpers: files and the hub, bench, export, the CLI.
 
 Left out on purpose: a Trainer class with callbacks, output objects, head pruning, cross-attention
-and key/value caches, whole-word masking, the paper's second phase at 512 tokens (run it as a
-separate --max_len 512 run), and fine-tuning heads (export to transformers for those).
+and key/value caches, whole-word masking, the paper's second phase at 512 tokens (a separate
+--max_len 512 run), and fine-tuning heads (export to transformers for those).
 
-References: Devlin et al. 2018, "BERT" (arXiv:1810.04805); Turc et al. 2019, "Well-Read
-Students Learn Better" (the size presets); google-research/bert create_pretraining_data.py.
+References: Devlin et al. 2018, "BERT" (arXiv:1810.04805); Turc et al. 2019, "Well-Read Students
+Learn Better" (the size presets); google-research/bert, create_pretraining_data.py.
 """
 
 import argparse
@@ -63,18 +61,18 @@ class Config:
     max_position: int = 512  # learned position embeddings, in tokens
     dropout: float = 0.1  # on the embeddings, the attention probabilities and each residual branch
     # data
-    dataset: str = "Salesforce/wikitext"  # Hugging Face hub dataset with a text column (when there is no --data)
-    dataset_config: str = "wikitext-2-raw-v1"  # its configuration; wikitext-103-raw-v1 has 50x more text
+    dataset: str = "Salesforce/wikitext"  # Hugging Face hub dataset with a text column, if no --data
+    dataset_config: str = "wikitext-2-raw-v1"  # its configuration; wikitext-103-raw-v1 has 50x the text
     max_len: int = 128  # tokens per training sequence, [CLS] and both [SEP] included
     short_seq_prob: float = 0.1  # share of pairs built to a random shorter length, as in the paper's code
     mask_prob: float = 0.15  # share of the real tokens of each sequence chosen for MLM
-    val_share: float = 0.1  # share of the documents held out for evaluation (if the data has no validation split)
+    val_share: float = 0.1  # share of the documents held out for evaluation, if there is no validation split
     # training
     batch_size: int = 32  # sequences per optimizer step, over all GPUs and micro-batches
-    grad_accum: int = 1  # micro-batches per optimizer step, on each GPU (same update, less memory)
+    grad_accum: int = 1  # micro-batches per optimizer step on each GPU: the same update, less memory
     epochs: int = 40  # passes over the training pairs
     max_steps: int = 0  # if > 0: the run's length in optimizer steps, instead of epochs
-    lr: float = 5e-4  # peak learning rate; each preset sets its own, an explicit --lr wins
+    lr: float = 5e-4  # peak learning rate, per step; each preset has its own, an explicit --lr wins
     warmup: float = 0.1  # share of the steps spent warming the learning rate up linearly from 0
     weight_decay: float = 0.01  # AdamW decay on weight matrices (not on biases and LayerNorm)
     grad_clip: float = 1.0  # maximum global gradient norm (0: no clipping)
@@ -82,14 +80,15 @@ class Config:
     log_every: int = 50  # optimizer steps between log lines
     save_every: int = 1000  # optimizer steps between checkpoints (also at each epoch's end and at the end)
     device: str = "auto"  # auto, cuda or cpu
-    compile: bool = False  # torch.compile the training step: forward, both losses and backward as one graph
+    compile: bool = False  # torch.compile the step: forward, both losses and backward as one graph
     out: str = "out"  # checkpoint folder
 
 
-# After Turc et al. 2019: name -> (layers, hidden, peak lr); heads = hidden / 64, ffn = 4 hidden. The
-# learning rate falls with the width: base collapses at 5e-4 (it predicts "the" everywhere after one
-# epoch of WikiText-2) and trains at 1e-4, the paper's rate; mini trains at 5e-4.
-PRESETS = {"tiny": (2, 128, 1e-3), "mini": (4, 256, 5e-4), "small": (4, 512, 3e-4), "medium": (8, 512, 2e-4),
+# After Turc et al. 2019, name: (layers, hidden, peak lr); heads = hidden / 64, ffn = 4 hidden. Wider
+# models need a lower rate. Measured (one H100, WikiText-2): base at 5e-4 collapses after one epoch (it
+# predicts "the" everywhere) and trains at 1e-4, the paper's rate; mini trains at 5e-4. tiny, small and
+# medium are interpolated between those two points (log lr against log width), not yet measured.
+PRESETS = {"tiny": (2, 128, 1e-3), "mini": (4, 256, 5e-4), "small": (4, 512, 2e-4), "medium": (8, 512, 1.5e-4),
            "base": (12, 768, 1e-4)}
 
 
@@ -107,7 +106,8 @@ PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
     """BERT's uncased WordPiece: lower-case and strip accents, split on spaces and punctuation. Learnt
     from at most 200k sentences (~5M words), a random sample: on WikiText-2 x 10, 6.5 s instead of 24 s,
-    and 96 % the same vocabulary. (The trainer breaks ties in hash-map order: two runs may differ a little.)"""
+    with 96 % of the vocabulary the same. (The trainer breaks ties in hash-map order, so two runs on
+    the same text may differ by a few entries; a checkpoint keeps its tokenizer.)"""
     sentences = list(sentences)
     if len(sentences) > max_sentences:
         sentences = random.Random(0).sample(sentences, max_sentences)
@@ -125,9 +125,9 @@ def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
 
 
 # ----------------------------------------------------------------------------- corpus and pairs
-# Text is documents of sentences. Tokenized, a corpus is three flat arrays (Corpus), not lists of
-# Python objects: 21M words of text take ~100 MB instead of ~3 GB. WikiText-2's train split, 600
-# articles of 2.1M words, gives ~2.6M tokens and ~19k pairs of <= 128 tokens per epoch.
+# Text is documents of sentences. Tokenized, a corpus is three flat arrays (Corpus), not Python lists:
+# 21M words take ~100 MB, not ~3 GB. WikiText-2's train split (600 articles, 2.1M words) gives
+# ~2.6M tokens and ~21k pairs of <= 128 tokens per epoch with the default 16k vocabulary.
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")  # ". The" ends a sentence
 WIKI_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), ("<unk>", "[UNK]")]
@@ -160,19 +160,18 @@ class Corpus(NamedTuple):
     docs: torch.Tensor  # (D + 1,) int64: document d is sentences docs[d] .. docs[d + 1] - 1
 
 
-ODD_SPACE = re.compile("[\x0b\x0c\x1c-\x1f\x85\u2028\u2029]")  # split() breaks here, BERT's normalizer doesn't
+ODD_SPACE = re.compile("[\x0b\x0c\x1c-\x1f\x85\u2028\u2029]")  # str.split() breaks there, BERT's normalizer doesn't
 
 
 def encode_corpus(tok, docs):
     """Documents of text -> Corpus; empty sentences are dropped (a document may end up empty, and keeps
-    its index). BERT's tokenizer splits at spaces first, so a sentence's ids are those of its
-    space-separated words, each tokenized once: on WikiText-2 x 10 (21M words, 2 cores) 6 s instead of
-    the 37 s of tokenizing every sentence (tokenizers' WordPiece runs ~0.6M tokens/s here)."""
+    its index). BERT's tokenizer splits at spaces first, so a sentence's ids are those of its words,
+    each distinct word tokenized once: 9 s instead of 37 s on WikiText-2 x 10 (21M words, 2 cores)."""
     texts = [s for d in docs for s in d]
     words = list({w for s in texts for w in s.split()})
     encoded = tok.encode_batch_fast(words, add_special_tokens=False)
-    cache = {w: array("i", e.ids).tobytes() for w, e in zip(words, encoded)}  # word -> its ids, as int32 bytes
-    parts = []  # each sentence's ids, as int32 bytes
+    cache = {w: array("i", e.ids).tobytes() for w, e in zip(words, encoded)}  # word -> its ids as int32 bytes
+    parts = []  # each sentence's ids as int32 bytes
     for i, s in enumerate(texts):
         odd = ODD_SPACE.search(s)
         parts.append(array("i", tok.encode(s, add_special_tokens=False).ids).tobytes() if odd else
@@ -182,19 +181,19 @@ def encode_corpus(tok, docs):
     lens = torch.tensor([len(b) // 4 for b in parts], dtype=torch.int64)  # (sentences,)
     doc_of = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d) for d in docs], dtype=torch.int64))
     sents = F.pad(lens[lens > 0].cumsum(0), (1, 0))  # (S + 1,)
-    docs_ = F.pad(torch.bincount(doc_of[lens > 0], minlength=len(docs)).cumsum(0), (1, 0))  # (D + 1,)
-    return Corpus(torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.int32), sents, docs_)
+    doc_starts = F.pad(torch.bincount(doc_of[lens > 0], minlength=len(docs)).cumsum(0), (1, 0))  # (D + 1,)
+    return Corpus(torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.int32), sents, doc_starts)
 
 
 def make_pairs(corpus, docs, max_len, seed, short_seq_prob=0.1):
     """(A, B, label) pairs from the documents `docs` (indices) of a corpus, as google-research/bert does.
-    -> (N, 5) int64: A's first token, A's length, B's first token, B's length (offsets into corpus.ids), label.
+    -> (N, 5) int64: A's start, A's length, B's start, B's length (offsets into corpus.ids), label.
 
-    Sentences are gathered until they fill the sequence; A is a random-length prefix of that
-    chunk. Label 0 (IsNext): B is the rest of the chunk. Label 1 (NotNext): B is a run of
-    sentences from another document, and the unused rest of the chunk goes back to the pool.
-    Unlike the paper's code, a chunk always holds at least two sentences and the labels come
-    from a shuffled deck, so the classes are balanced to within one pair.
+    Sentences are gathered until they fill the sequence; A is a random-length prefix of that chunk.
+    Label 0 (IsNext): B is the rest of the chunk. Label 1 (NotNext): B is a run of sentences from
+    another document, and the unused rest of the chunk goes back to the pool. Unlike the paper's
+    code, a chunk always holds two sentences or more and the labels come from a shuffled deck, so
+    the classes are balanced to within one pair.
     """
     S, D = corpus.sents.tolist(), corpus.docs.tolist()  # Python ints: the loop below is Python's
     docs = [d for d in docs if D[d + 1] > D[d]]
@@ -230,7 +229,7 @@ def random_segment(S, D, docs, j, target, rng):
     other = rng.randrange(len(docs) - 1)
     d = docs[other + (other >= j)]  # skip docs[j] itself
     s = rng.randrange(D[d], D[d + 1])  # the first sentence
-    return S[s], S[bisect.bisect_left(S, S[s] + target, s + 1, D[d + 1])]  # up to the sentence that reaches target
+    return S[s], S[bisect.bisect_left(S, S[s] + target, s + 1, D[d + 1])]  # to the sentence that reaches target
 
 
 def truncate_pair(a0, a1, b0, b1, max_tokens, rng):
@@ -253,7 +252,7 @@ def epoch_pairs(corpus, docs, cfg, epoch, n):
 
 
 def collate(ids, pairs, T):
-    """Pairs (B, 5) -> token ids and segment ids (B, T), [CLS] A [SEP] B [SEP] then [PAD], gathered from
+    """Pairs (B, 5) -> token ids and segment ids (B, T): [CLS] A [SEP] B [SEP] [PAD]..., gathered from
     the corpus ids by tensor operations on the pairs' device (a GPU builds its own batches)."""
     a0, la, b0, lb, nsp = (c[:, None] for c in pairs.unbind(1))  # (B, 1) each
     t = torch.arange(T, device=pairs.device)  # (T,) position
@@ -271,12 +270,12 @@ def collate(ids, pairs, T):
 def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
     """BERT's MLM corruption for a whole batch, drawn fresh every call, on the batch's device.
 
-    Exactly round(15 %) of each sequence's real tokens are chosen ([CLS], [SEP] and [PAD] never
-    are). Of those, 80 % become [MASK], 10 % a random token and 10 % stay: the model must keep a
-    good representation of every token, since it can't tell which were changed, and [MASK] never
-    appears at fine-tuning time. The choices go into P = ceil((T - 3) 15 %) prediction slots per
-    sequence (the paper's code has 20 at T = 128): a fixed shape, whatever the batch. Slots past a
-    row's choices have label -100 (ignored). -> inputs (B, T), positions (B, P), labels (B, P).
+    Exactly round(15 %) of each sequence's real tokens are chosen ([CLS], [SEP] and [PAD] never are).
+    Of those, 80 % become [MASK], 10 % a random token and 10 % stay: the model must keep a good
+    representation of every token, since it can't tell which were changed, and [MASK] never appears
+    at fine-tuning time. The choices fill P = ceil((T - 3) 15 %) prediction slots per sequence (the
+    paper's code has 20 at T = 128): one shape for every batch. Slots past a row's choices get the
+    label -100 (ignored). -> inputs (B, T), positions (B, P), labels (B, P).
     """
     B, T = ids.shape  # batch, sequence length
     P = math.ceil((T - 3) * mask_prob)  # prediction slots
@@ -286,11 +285,10 @@ def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
     pos = score.topk(P, dim=1, largest=False).indices  # (B, P) the P lowest scores of each row
     used = torch.arange(P, device=ids.device) < k[:, None]  # (B, P) the first k slots are the chosen
     orig = ids.gather(1, pos)  # (B, P)
-    labels = orig.masked_fill(~used, -100)
     r = torch.rand(B, P, generator=gen, device=ids.device)
     random_ids = torch.randint(len(SPECIALS), vocab_size, (B, P), generator=gen, device=ids.device)  # never special
     new = torch.where(r < 0.8, MASK, torch.where(r < 0.9, random_ids, orig))
-    return ids.scatter(1, pos, torch.where(used, new, orig)), pos, labels
+    return ids.scatter(1, pos, torch.where(used, new, orig)), pos, orig.masked_fill(~used, -100)
 
 
 # ----------------------------------------------------------------------------- model
@@ -415,10 +413,10 @@ def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls a
 
 
 def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
-    """The paper's objective, MLM + NSP cross-entropy, as sums divided by the whole batch's counts
-    (n_mlm masked tokens, n_seq sequences), so that micro-batches and GPUs add up to the batch's mean.
-    -> the loss, and (loss, MLM loss, NSP loss, MLM accuracy, NSP accuracy) detached. No host sync, no
-    data-dependent shape: with --compile, this and its backward are one graph."""
+    """The paper's objective, MLM + NSP cross-entropy, as sums over the whole batch's counts (n_mlm
+    masked tokens, n_seq sequences), so that micro-batches and GPUs add up to the batch's means.
+    -> the loss, and (loss, MLM loss, NSP loss, MLM accuracy, NSP accuracy) detached. No host sync and
+    no data-dependent shape: with --compile, this and its backward are one graph."""
     with autocast(ids.device):
         mlm_logits, nsp_logits = model(ids, seg, pos)  # (B, P, V), (B, 2)
     mlm = F.cross_entropy(mlm_logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / n_mlm
@@ -429,23 +427,22 @@ def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
 
 
 def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
-    """One optimizer step on one batch of B sequences (the same batch on every rank): this rank's
-    share, in grad_accum micro-batches, then clipping and AdamW. -> the stats of pretraining_loss
-    and a flag, 1.0 if the step was skipped; both stay on the device, so the GPU never waits."""
+    """One optimizer step on a batch of B sequences (the same batch on every rank): this rank's share
+    in grad_accum micro-batches, clipping, AdamW. -> the stats of pretraining_loss and 1.0 if the step
+    was skipped, else 0.0; both stay on the device, so that the GPU never waits for the CPU."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     B, n_mlm = len(batch[0]), (batch[3] != -100).sum()
     mine = [t[rank * B // world : (rank + 1) * B // world].chunk(cfg.grad_accum) for t in batch]
     stats = 0
     for i, micro in enumerate(zip(*mine)):
-        with model.no_sync() if world > 1 and i < cfg.grad_accum - 1 else nullcontext():  # one all-reduce, at the end
+        with model.no_sync() if world > 1 and i < cfg.grad_accum - 1 else nullcontext():  # all-reduce once, at the end
             loss, s = loss_fn(model, *micro, n_mlm, B)
             (loss * world).backward()  # DDP averages the ranks' gradients; the batch's loss is their sum
         stats = stats + s
     norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    # A non-finite loss makes a non-finite gradient norm. Then fused AdamW skips the whole update on
-    # the device, weights and moments alike (it reads found_inf, as it does for GradScaler): the
-    # guard costs no host sync.
+    # A non-finite loss gives a non-finite gradient norm; then fused AdamW skips the update on the
+    # device, weights and moments alike (it reads found_inf, as for GradScaler): no host sync.
     optimizer.found_inf = (~norm.isfinite()).float()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -454,49 +451,44 @@ def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
 
 @torch.no_grad()
 def evaluate(model, ids, pairs, cfg, batch_size=64):
-    """Held-out MLM loss and accuracy, NSP accuracy, and top_share: how often the most frequent MLM
-    prediction is made (near 1: the model predicts one token everywhere). Masks from a fixed seed."""
+    """Held-out MLM loss and accuracy, NSP accuracy, and top_share: the share of the most frequent MLM
+    prediction (near 1: one token predicted everywhere). Masks from a fixed seed: the same every time."""
     was_training = model.training
     model.eval()
     gen = torch.Generator(ids.device).manual_seed(cfg.seed)
-    loss, hits, nsp_hits, n = (torch.zeros((), device=ids.device) for _ in range(4))
-    counts = torch.zeros(cfg.vocab_size, device=ids.device)
+    loss, hits, nsp_hits, counts = 0, 0, 0, torch.zeros(cfg.vocab_size, device=ids.device)
     for i in range(0, len(pairs), batch_size):
         x, seg, nsp = collate(ids, pairs[i : i + batch_size], cfg.max_len)
         x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)
         with autocast(ids.device):
             mlm_logits, nsp_logits = model(x, seg, pos)
-        used = labels != -100  # (B, P)
-        logits, target = mlm_logits[used].float(), labels[used]  # (M, V), (M,)
+        logits, target = mlm_logits[labels != -100].float(), labels[labels != -100]  # (M, V), (M,)
         loss += F.cross_entropy(logits, target, reduction="sum")
         hits += (logits.argmax(-1) == target).sum()
         counts += torch.bincount(logits.argmax(-1), minlength=cfg.vocab_size)
         nsp_hits += (nsp_logits.argmax(-1) == nsp).sum()
-        n += len(target)
     model.train(was_training)
-    m = torch.stack([loss / n, hits / n, nsp_hits / len(pairs), counts.max() / n]).tolist()
-    return dict(zip(("mlm_loss", "mlm_acc", "nsp_acc", "top_share"), m))
+    n = counts.sum()
+    return {"mlm_loss": float(loss / n), "mlm_acc": float(hits / n), "nsp_acc": float(nsp_hits) / len(pairs),
+            "top_share": float(counts.max() / n)}
 
 
 def health_warning(history, m):
-    """A warning if this evaluation shows the run going wrong, else None. The slow plateau before MLM
-    accuracy climbs (flat for several epochs, many predictions "the") is normal and must not warn."""
-    if not history:
-        return None
-    best_acc, best_loss = max(h["mlm_acc"] for h in history), min(h["mlm_loss"] for h in history)
+    """A warning if evaluation m shows the run going wrong, else None. The plateau before the MLM
+    accuracy climbs (flat for epochs, "the" predicted a lot) is normal and does not warn."""
+    best_acc, best_loss = max([h["mlm_acc"] for h in history] or [0]), min([h["mlm_loss"] for h in history] or [1e9])
     if m["top_share"] > 0.9 and m["mlm_acc"] < 0.8 * best_acc:
         return (f"the model collapsed: it predicts one token at {m['top_share']:.0%} of the masked positions "
                 f"(MLM accuracy {m['mlm_acc']:.3f}, it had {best_acc:.3f}); start again with a lower --lr")
     if m["mlm_loss"] > best_loss + 0.5:
-        return (f"the held-out MLM loss rose to {m['mlm_loss']:.3f} from its best {best_loss:.3f}: training is "
-                f"diverging; start again with a lower --lr")
+        return (f"the held-out MLM loss rose to {m['mlm_loss']:.3f} from its best, {best_loss:.3f}: training "
+                "is diverging; start again with a lower --lr")
     return None
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename it over the old one. A kill at any instant
-    leaves either the old checkpoint or the new one, never half of one; an interrupted write
-    (a second Ctrl-C) removes its temporary file."""
+    """Atomic: write a temporary file, then rename it over the old one. A kill at any instant leaves
+    the old checkpoint or the new one, never half of one; a write cut short removes its temporary file."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -507,8 +499,8 @@ def save_checkpoint(path, state):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt):
-            raise KeyboardInterrupt from None  # not the zip writer's complaint about being cut off
+        if KeyboardInterrupt in (type(e), type(e.__context__)):  # a second Ctrl-C, mid-write
+            raise KeyboardInterrupt from None  # (not the zip writer's complaint about being cut short)
         raise
 
 
@@ -531,123 +523,104 @@ class StopRequest:
         print("\nstopping after this step (Ctrl-C again to abort without saving)", file=sys.stderr)
 
 
-def log(folder, rank, record):  # metrics.jsonl: one JSON object per log line and per evaluation
-    if rank == 0:
-        with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
-    """The loop. corpus: the tokenized Corpus; train_docs: the indices of its training documents;
-    val_pairs: held-out pairs, or None. resume: a checkpoint state to continue from. stop_at: end
-    after that step as Ctrl-C does (for tests). Under torchrun, every process runs this."""
+    """The loop, over the documents train_docs (indices) of a Corpus; val_pairs: held-out pairs, or None.
+    resume: a checkpoint's state to go on from. stop_at: stop after that step, as Ctrl-C does (for tests).
+    Under torchrun every process runs it; rank 0 alone prints, evaluates and saves."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     say = print if rank == 0 else (lambda *a, **k: None)
-    os.makedirs(cfg.out, exist_ok=True)
-    device = torch.device(cfg.device)
+    device, B, T = torch.device(cfg.device), cfg.batch_size, cfg.max_len
     torch.manual_seed(cfg.seed)
     raw = BERT(cfg).to(device)  # the same initial weights on every rank
     model = nn.parallel.DistributedDataParallel(raw) if world > 1 else raw
     optimizer = make_optimizer(raw, cfg)
     loss_fn = torch.compile(pretraining_loss) if cfg.compile else pretraining_loss
     gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # masks: the same on every rank
-    torch.manual_seed(cfg.seed + rank)  # dropout: different on every rank
-    ids = corpus.ids.to(device)  # the whole tokenized corpus, on the GPU: batches are gathered there
-    B, T, N = cfg.batch_size, cfg.max_len, len(make_pairs(corpus, train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob))
+    torch.manual_seed(cfg.seed + rank)  # dropout: not the same on every rank
+    ids = corpus.ids.to(device)  # the whole tokenized corpus: batches are gathered on the GPU
+    N = len(make_pairs(corpus, train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob))  # pairs per epoch
     if N == 0:
         sys.exit(f"minibert: error: {TOO_LITTLE}")
-    if resume is not None and resume["n_train_pairs"] != N:
-        sys.exit(f"minibert: error: --resume: this data gives {N} training pairs, the checkpoint's run had "
-                 f"{resume['n_train_pairs']}; pass the same --data")
     steps_per_epoch = math.ceil(N / B)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     step, history, saved = 0, [], None
     if resume is not None:
+        if resume["n_train_pairs"] != N:
+            sys.exit(f"minibert: error: --resume: this data gives {N} training pairs, the checkpoint's run had "
+                     f"{resume['n_train_pairs']}; pass the same --data")
         raw.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        step, history, saved = resume["step"], resume["history"], resume["step"]
-        random.setstate(resume["rng"]["python"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        gen.set_state(resume["rng"]["mask"])
-        if device.type == "cuda" and resume["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"])
+        step, history, saved, rng = resume["step"], resume["history"], resume["step"], resume["rng"]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        gen.set_state(rng["mask"])
+        if device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
     if step >= total:
-        say(f"the run in {cfg.out}/ had finished its {total} steps; to train longer, --resume with a larger --max_steps or --epochs")
+        say(f"the run in {cfg.out}/ had finished its {total} steps; to train longer, --resume with a larger "
+            "--max_steps or --epochs")
         return raw
-    for name, text in (("tokenizer.json", tok.to_str()), ("config.json", json.dumps(dataclasses.asdict(cfg), indent=2))):
-        if resume is None and rank == 0:  # beside the weights, for demo, eval and export
-            with open(os.path.join(cfg.out, name + ".tmp"), "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(os.path.join(cfg.out, name + ".tmp"), os.path.join(cfg.out, name))
-    say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per epoch, "
-        f"{steps_per_epoch} steps per epoch of {B} sequences, {total} steps")
-    sums = torch.zeros(5, device=device)  # the stats summed over a log interval, on the device
-    skipped_n, run, worst = (torch.zeros((), device=device) for _ in range(3))  # non-finite steps: skipped, in a row, most in a row
-    n_steps, t_data, t0, pairs = 0, 0.0, time.time(), None
+    os.makedirs(cfg.out, exist_ok=True)
+    say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per "
+        f"epoch, {steps_per_epoch} steps per epoch of {B} sequences, {total} steps")
+    sums = torch.zeros(5, device=device)  # the step's stats, summed over a log interval, on the device
+    skipped, in_a_row, worst = (torch.zeros((), device=device) for _ in range(3))  # non-finite steps
+    first, pairs, n_steps, t_data, t0 = step, None, 0, 0.0, time.time()
     with StopRequest() as stopper:
         while step < total:
             epoch, i = divmod(step, steps_per_epoch)
             t = time.time()
-            if pairs is None or i == 0:
+            if i == 0 or pairs is None:  # the epoch's pairs, on the device
                 pairs = epoch_pairs(corpus, train_docs, cfg, epoch, steps_per_epoch * B).to(device)
             x, seg, nsp = collate(ids, pairs[i * B : (i + 1) * B], T)  # (B, T), (B, T), (B,)
             x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)  # (B, T), (B, P), (B, P)
             t_data += time.time() - t
             lr = lr_at(step, total, cfg)
-            stats, skipped = train_step(model, optimizer, loss_fn, (x, seg, pos, labels, nsp), lr, cfg, rank, world)
+            stats, bad = train_step(model, optimizer, loss_fn, (x, seg, pos, labels, nsp), lr, cfg, rank, world)
             step, n_steps = step + 1, n_steps + 1
-            sums += torch.where(skipped.bool(), 0.0, stats)  # a skipped step's stats are not finite
-            skipped_n, run = skipped_n + skipped, (run + 1) * skipped  # run: skipped steps in a row
-            worst = torch.maximum(worst, run)
-            if cfg.compile and n_steps == 1:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+            sums += torch.where(bad > 0, 0.0, stats)  # a skipped step's stats are not finite
+            skipped, in_a_row = skipped + bad, (in_a_row + 1) * bad
+            worst = torch.maximum(worst, in_a_row)
+            if cfg.compile and step == first + 1:
                 say(f"compile: {time.time() - t0:.1f} s (the first step)")
-            last_step, epoch_end, logs = step == total, step % steps_per_epoch == 0, step % cfg.log_every == 0
+            last_step, epoch_end, log_now = step == total, step % steps_per_epoch == 0, step % cfg.log_every == 0
             stop = stopper.stop or step == stop_at
-            if world > 1:  # every rank must stop at the same step: they agree at log steps
-                flag = torch.tensor(float(stop), device=device)
-                if logs:
+            if world > 1:  # the ranks must stop at the same step: they agree at log steps
+                flag = torch.tensor(float(stop and log_now), device=device)
+                if log_now:
                     dist.all_reduce(flag, dist.ReduceOp.MAX)
-                stop = logs and flag.item() > 0
+                stop = bool(flag)
             save = epoch_end or last_step or step % cfg.save_every == 0 or stop
-            if (logs or save) and worst >= 3:  # reading the device's counter: a host sync per interval only
-                where = f"the last checkpoint (step {saved}) is in {cfg.out}/" if saved is not None else "no checkpoint was written"
-                sys.exit(f"minibert: error: {int(worst)} non-finite losses in a row at step {step} (those steps changed "
-                         f"nothing); lower --lr; {where}")
-            if logs or last_step:
+            if (log_now or save) and worst >= 3:  # the device's counters are read once per interval
+                where = f"the last checkpoint (step {saved}) is in {cfg.out}/" if saved else "no checkpoint was written"
+                sys.exit(f"minibert: error: {int(worst)} non-finite losses in a row at step {step} (those steps "
+                         f"changed nothing); lower --lr; {where}")
+            if log_now or last_step:
                 if world > 1:
                     dist.all_reduce(sums)
-                if sys.stderr.isatty():
-                    print("\r" + " " * 40 + "\r", end="", file=sys.stderr)  # clear the progress bar
-                if skipped_n > 0:
-                    say(f"warning: {int(skipped_n)} step(s) skipped since the last log line: non-finite loss", file=sys.stderr)
-                dt, m = time.time() - t0, (sums / max(1, n_steps - int(skipped_n))).tolist()
+                if skipped > 0:
+                    say(f"warning: {int(skipped)} step(s) skipped since the last log line: non-finite loss", file=sys.stderr)
+                dt, m = time.time() - t0, (sums / max(1, n_steps - int(skipped))).tolist()
                 say(f"step {step}/{total} | loss {m[0]:.4f} | mlm {m[1]:.4f} | nsp {m[2]:.4f} | mlm_acc {m[3]:.3f} | "
                     f"nsp_acc {m[4]:.3f} | lr {lr:.2e} | {n_steps * B * T / dt:,.0f} tok/s | data {100 * t_data / dt:.1f}%")
                 log(cfg.out, rank, dict(step=step, loss=m[0], mlm_loss=m[1], nsp_loss=m[2], mlm_acc=m[3], nsp_acc=m[4],
                                         lr=lr, tok_per_s=n_steps * B * T / dt, data_share=t_data / dt))
-                sums.zero_(), skipped_n.zero_()
-                n_steps, t_data, t0 = 0, 0.0, time.time()
-            elif sys.stderr.isatty() and rank == 0:  # a progress bar between log lines
-                print(f"\r[{'#' * (20 * (step % cfg.log_every) // cfg.log_every):<20}] {step}/{total}", end="", file=sys.stderr)
+                sums, skipped, n_steps, t_data, t0 = sums.zero_(), skipped.zero_(), 0, 0.0, time.time()
             t_pause = time.time()
             if (epoch_end or last_step) and val_pairs is not None and rank == 0:
                 m = evaluate(raw, ids, val_pairs.to(device), cfg)
                 say(f"eval ({'end' if last_step else f'epoch {step // steps_per_epoch}'}) step {step}: mlm_loss "
                     f"{m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
-                warning = health_warning(history, m)
-                if warning:
+                if warning := health_warning(history, m):
                     say(f"warning: {warning}", file=sys.stderr)
                 history.append(m)
                 log(cfg.out, rank, {"eval": step, **m})
-            if save and rank == 0:
+            if save and rank == 0:  # everything demo and --resume need, the tokenizer too
+                rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "mask": gen.get_state(),
+                       "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
                 save_checkpoint(os.path.join(cfg.out, "model.pt"), {
                     "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-                    "step": step, "n_train_pairs": N, "history": history,
-                    "tokenizer_sha256": hashlib.sha256(tok.to_str().encode()).hexdigest(),
-                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state(), "mask": gen.get_state(),
-                            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}})
+                    "tokenizer": tok.to_str(), "step": step, "n_train_pairs": N, "history": history, "rng": rng})
                 saved = step
             t0 += time.time() - t_pause  # evaluation and saving don't count against tokens/s
             if stop and not last_step:
@@ -657,14 +630,20 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     return raw
 
 
+def log(folder, rank, record):  # metrics.jsonl: one JSON object per log line and per evaluation
+    if rank == 0:
+        with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 # ----------------------------------------------------------------------------- demo
 
 
 @torch.no_grad()
 def fill_mask(model, tok, text, max_len, top_k=5):
-    """-> for each [MASK] in text, the top_k (word, probability) guesses; and the number of windows
-    read: a text longer than max_len is read in windows of max_len tokens, each around the first
-    [MASK] the previous ones missed, so that every [MASK] gets an answer."""
+    """-> for each [MASK] in text, the top_k (word, probability) guesses; and the number of windows read:
+    a text longer than max_len is read in windows of max_len tokens, each around the first [MASK] that
+    the windows before it missed, so that every [MASK] gets an answer."""
     body, W = tok.encode(text, add_special_tokens=False).ids, max_len - 2  # W: text tokens per window
     masks = [i for i, t in enumerate(body) if t == MASK]
     device, guesses, windows = next(model.parameters()).device, [], 0
@@ -672,14 +651,14 @@ def fill_mask(model, tok, text, max_len, top_k=5):
         start = max(0, min(masks[len(guesses)] - W // 4, len(body) - W))  # some context before the mask
         x = torch.tensor([[CLS] + body[start : start + W] + [SEP]], device=device)  # (1, T)
         probs = model(x, torch.zeros_like(x))[0][0, 1:-1].float().softmax(-1)  # (T - 2, V)
-        for m in (m for m in masks[len(guesses) :] if m < start + W):
+        for m in [m for m in masks[len(guesses) :] if m < start + W]:
             top = probs[m - start].topk(min(top_k, probs.size(-1)))
             guesses.append([(tok.id_to_token(i), p) for p, i in zip(top.values.tolist(), top.indices.tolist())])
         windows += 1
     return guesses, windows
 
 
-# ----------------------------------------------------------------------------- data for the command line
+# ----------------------------------------------------------------------------- command line: data and checkpoints
 
 
 def die(msg):
@@ -687,12 +666,11 @@ def die(msg):
     sys.exit(f"minibert: error: {msg}")
 
 
-
 def read_cornell(folder):
     """Cornell Movie-Dialogs: each conversation is a document, each utterance a sentence."""
     def fields(name):
         if not os.path.isfile(os.path.join(folder, name)):
-            die(f"--data {folder} has no {name}: the Cornell corpus folder holds movie_lines.txt and movie_conversations.txt")
+            die(f"--data {folder} has no {name}: the Cornell corpus is movie_lines.txt and movie_conversations.txt")
         with open(os.path.join(folder, name), encoding="iso-8859-1") as f:
             return [line.rstrip("\n").split(" +++$+++ ") for line in f]
     lines = {r[0]: r[4].strip() for r in fields("movie_lines.txt") if len(r) == 5}
@@ -701,8 +679,8 @@ def read_cornell(folder):
 
 
 def read_lines(path):
-    """A UTF-8 text file (gzip-compressed if it ends in .gz), or the "text" column of a Parquet file
-    (the form of the hub's own WikiText files)."""
+    """A UTF-8 text file, gzip-compressed if it ends in .gz; or a Parquet file's "text" column (the form
+    of the hub's own WikiText files)."""
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
         table = pq.read_table(path)
@@ -717,29 +695,24 @@ def read_corpus(paths):
     """--data FILE [FILE ...] -> documents. A folder must be the Cornell corpus."""
     docs = []
     for path in paths:
-        if os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, "movie_lines.txt")):
-                die(f"--data {path} is a folder; pass a text file (or the Cornell Movie-Dialogs folder)")
-            docs += read_cornell(path)
-            continue
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "movie_lines.txt")):
+            die(f"--data {path} is a folder; pass a text file (or the Cornell Movie-Dialogs folder)")
         try:
-            docs += parse_wikitext(read_lines(path))
+            docs += read_cornell(path) if os.path.isdir(path) else parse_wikitext(read_lines(path))
         except FileNotFoundError:
             die(f"--data {path} does not exist; pass a UTF-8 text file")
         except (UnicodeDecodeError, gzip.BadGzipFile):
             die(f"--data {path} is not UTF-8 text; convert it first: iconv -f latin1 -t utf-8 {path} > {path}.utf8.txt")
-        except OSError as e:
-            die(f"cannot read --data {path}: {e.strerror or e}")
-        except Exception as e:  # pyarrow on a damaged Parquet file
-            die(f"cannot read --data {path} ({type(e).__name__}); pass a UTF-8 text, .gz or .parquet file")
+        except Exception as e:  # unreadable, or a damaged Parquet file
+            die(f"cannot read --data {path} ({getattr(e, 'strerror', None) or type(e).__name__})")
     if not docs:
         die(f"--data {' '.join(paths)} holds no text; pass a file with sentences in it")
     return docs
 
 
 def load_hub(cfg, splits=("train", "validation")):
-    """A Hugging Face hub dataset -> {split: documents}. WikiText is read as a --data file is; in any
-    other dataset each row of its "text" column (or first text column) is a document."""
+    """A Hugging Face hub dataset -> {split: documents}. WikiText is read as a --data file is; in other
+    datasets each row of the "text" column (or of the first text column) is a document."""
     try:
         import datasets
         import huggingface_hub
@@ -748,9 +721,9 @@ def load_hub(cfg, splits=("train", "validation")):
         ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None)
     except Exception as e:  # no network, no hub, no datasets, no such dataset: all end the same way
         die(f"cannot load {cfg.dataset} ({cfg.dataset_config}) from the Hugging Face hub ({type(e).__name__}); "
-            f"offline, pass --data FILE")
+            "offline, pass --data FILE")
     out = {}
-    for split in (s for s in splits if s in ds):
+    for split in [s for s in splits if s in ds]:
         cols = [c for c, f in ds[split].features.items() if getattr(f, "dtype", "") in ("string", "large_string")]
         if not cols:
             die(f"{cfg.dataset} has no text column; pass --data FILE")
@@ -769,27 +742,23 @@ def split_docs(docs, share, seed):
 
 
 def cached_corpus(tok, docs, folder):
-    """encode_corpus, cached in folder/corpus-KEY.pt, KEY a hash of the documents and the tokenizer: a
-    cache of other text or of another tokenizer is never used, and a damaged one is rebuilt.
-    -> (Corpus, whether it came from the cache)."""
+    """encode_corpus, cached in folder/corpus-KEY.pt. KEY hashes the text and the tokenizer, so a cache of
+    other text or of another tokenizer is never used; a damaged one is rebuilt. -> (Corpus, cached?)"""
     h = hashlib.sha256(tok.to_str().encode())
     for d in docs:
         h.update("\n".join(d).encode() + b"\0")
-    key = h.hexdigest()
-    path = os.path.join(folder, f"corpus-{key[:16]}.pt")
+    path = os.path.join(folder, f"corpus-{h.hexdigest()[:16]}.pt")
     if os.path.exists(path):
         try:
-            c = torch.load(path, weights_only=True)
-            corpus = Corpus(c["ids"], c["sents"], c["docs"])
-            if c["key"] == key and len(corpus.docs) == len(docs) + 1 and int(corpus.docs[-1]) == len(corpus.sents) - 1 \
-                    and int(corpus.sents[-1]) == len(corpus.ids) and corpus.ids.dtype == torch.int32:
-                return corpus, True
+            c = Corpus(**{k: v for k, v in torch.load(path, weights_only=True).items() if k != "key"})
+            if len(c.docs) == len(docs) + 1 and c.docs[-1] == len(c.sents) - 1 and c.sents[-1] == len(c.ids):
+                return c, True
         except Exception:
             pass
-        print(f"warning: {path} is damaged or stale; tokenizing again", file=sys.stderr)
+        print(f"warning: {path} is damaged; tokenizing again", file=sys.stderr)
     corpus = encode_corpus(tok, docs)
     try:
-        save_checkpoint(path, {"key": key, **corpus._asdict()})
+        save_checkpoint(path, corpus._asdict())
     except OSError:  # a read-only folder: no cache
         pass
     return corpus, False
@@ -797,24 +766,14 @@ def cached_corpus(tok, docs, folder):
 
 def load_checkpoint(folder):
     """-> (state, tokenizer, config), or a one-line error that says what is wrong."""
-    path, tok_path = os.path.join(folder, "model.pt"), os.path.join(folder, "tokenizer.json")
+    path = os.path.join(folder, "model.pt")
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}; train one first: python minibert.py train --data FILE --out {folder}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = Config(**state["config"])
-        state["model"], state["step"]
+        return state, Tokenizer.from_str(state["tokenizer"]), Config(**state["config"])
     except Exception as e:  # truncated, foreign or from another program
         die(f"{path} is not a minibert checkpoint ({type(e).__name__}); retrain, or point --ckpt at another folder")
-    try:
-        with open(tok_path, encoding="utf-8") as f:
-            tok_json = f.read()
-        tok = Tokenizer.from_str(tok_json)
-    except Exception as e:
-        die(f"{tok_path} is missing or damaged ({type(e).__name__}); it is written beside model.pt by train")
-    if hashlib.sha256(tok_json.encode()).hexdigest() != state.get("tokenizer_sha256"):
-        die(f"{tok_path} is not the tokenizer model.pt was trained with; restore it or retrain")
-    return state, tok, cfg
 
 
 def load_model(folder, device):
@@ -832,7 +791,7 @@ def load_model(folder, device):
 
 def train_flops(cfg, B, T, P):
     """Useful FLOPs of one training step (2 per multiply-add; backward = 2 x forward), as run: the last
-    layer's attention output, FFN and the MLM head at [CLS] and the P prediction slots only."""
+    layer's attention output, its FFN and the MLM head at [CLS] and the P prediction slots only."""
     H, F_, V = cfg.hidden, cfg.ffn, cfg.vocab_size
     layer = 2 * (4 * H * H + 2 * H * F_) + 4 * T * H  # per position: qkv, proj, ffn; q.k and att.v
     last = B * T * 2 * 3 * H * H + B * (1 + P) * (2 * (H * H + 2 * H * F_) + 4 * T * H)
@@ -855,11 +814,10 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "
 
 
 def bench(cfg, steps=20, warmup=5):
-    """Time the full training step (train_step: forward, both losses, backward, clip, AdamW) on a
-    synthetic batch of full-length sequences."""
+    """Time train_step (forward, both losses, backward, clipping, AdamW) on a synthetic batch of
+    full-length sequences; the warm-up steps include compilation."""
     device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # for what autocast leaves in fp32
+    torch.backends.cuda.matmul.allow_tf32 = True  # on CUDA, for what autocast leaves in fp32
     torch.manual_seed(cfg.seed)
     model = BERT(cfg).to(device).train()
     optimizer = make_optimizer(model, cfg)
@@ -868,20 +826,18 @@ def bench(cfg, steps=20, warmup=5):
     gen = torch.Generator(device).manual_seed(cfg.seed)
     ids = torch.randint(len(SPECIALS), V, (B, T), generator=gen, device=device)
     ids[:, 0], ids[:, T // 2], ids[:, -1] = CLS, SEP, SEP
+    inputs, pos, labels = mask_tokens(ids, V, gen, cfg.mask_prob)
     seg = (torch.arange(T, device=device) > T // 2).long().expand(B, T)
-    batch = (*mask_tokens(ids, V, gen, cfg.mask_prob), torch.randint(0, 2, (B,), generator=gen, device=device))
-    batch = (batch[0], seg, *batch[1:])  # (ids, seg, pos, labels, nsp)
+    batch = (inputs, seg, pos, labels, torch.randint(0, 2, (B,), generator=gen, device=device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t = time.perf_counter()
-    for _ in range(warmup):
-        train_step(model, optimizer, loss_fn, batch, cfg.lr, cfg)
-    sync()
-    t_warmup, t = time.perf_counter() - t, time.perf_counter()
-    for _ in range(steps):
-        train_step(model, optimizer, loss_fn, batch, cfg.lr, cfg)
-    sync()
-    dt = (time.perf_counter() - t) / steps
-    flops = train_flops(cfg, B, T, batch[2].size(1))
+    times = []
+    for n in (warmup, steps):
+        t = time.perf_counter()
+        for _ in range(n):
+            train_step(model, optimizer, loss_fn, batch, cfg.lr, cfg)
+        sync()
+        times.append(time.perf_counter() - t)
+    dt, flops = times[1] / steps, train_flops(cfg, B, T, pos.size(1))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 989e12)
@@ -890,22 +846,21 @@ def bench(cfg, steps=20, warmup=5):
         peak = cpu_matmul_peak()
         peak_note = f"CPU, {torch.get_num_threads()} threads, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
     return {"device": str(device), "peak_note": peak_note, "batch_size": B, "max_len": T, "ms_per_step": 1e3 * dt,
-            "tokens_per_s": B * T / dt, "tflops_per_step": flops / 1e12, "mfu": flops / dt / peak, "warmup_s": t_warmup}
+            "tokens_per_s": B * T / dt, "tflops_per_step": flops / 1e12, "mfu": flops / dt / peak, "warmup_s": times[0]}
 
 
 # ----------------------------------------------------------------------------- export
 
-HF_NAMES = [  # minibert module -> Hugging Face BertForPreTraining module ({i}: layer index)
-    ("emb.tok", "bert.embeddings.word_embeddings"), ("emb.pos", "bert.embeddings.position_embeddings"),
-    ("emb.seg", "bert.embeddings.token_type_embeddings"), ("emb.ln", "bert.embeddings.LayerNorm"),
-    ("layers.{i}.attn.proj", "bert.encoder.layer.{i}.attention.output.dense"),
-    ("layers.{i}.ln1", "bert.encoder.layer.{i}.attention.output.LayerNorm"),
-    ("layers.{i}.fc1", "bert.encoder.layer.{i}.intermediate.dense"),
-    ("layers.{i}.fc2", "bert.encoder.layer.{i}.output.dense"),
-    ("layers.{i}.ln2", "bert.encoder.layer.{i}.output.LayerNorm"),
-    ("pool", "bert.pooler.dense"), ("nsp", "cls.seq_relationship"),
-    ("mlm_dense", "cls.predictions.transform.dense"), ("mlm_ln", "cls.predictions.transform.LayerNorm"),
-]
+HF_NAMES = {  # minibert module -> Hugging Face BertForPreTraining module ({i}: layer index)
+    "emb.tok": "bert.embeddings.word_embeddings", "emb.pos": "bert.embeddings.position_embeddings",
+    "emb.seg": "bert.embeddings.token_type_embeddings", "emb.ln": "bert.embeddings.LayerNorm",
+    "layers.{i}.attn.proj": "bert.encoder.layer.{i}.attention.output.dense",
+    "layers.{i}.ln1": "bert.encoder.layer.{i}.attention.output.LayerNorm",
+    "layers.{i}.fc1": "bert.encoder.layer.{i}.intermediate.dense", "layers.{i}.fc2": "bert.encoder.layer.{i}.output.dense",
+    "layers.{i}.ln2": "bert.encoder.layer.{i}.output.LayerNorm", "pool": "bert.pooler.dense",
+    "nsp": "cls.seq_relationship", "mlm_dense": "cls.predictions.transform.dense",
+    "mlm_ln": "cls.predictions.transform.LayerNorm", "decoder": "cls.predictions",  # its weight is emb.tok's
+}
 
 
 def hf_state_dict(sd, cfg):
@@ -913,38 +868,30 @@ def hf_state_dict(sd, cfg):
     out = {}
     for i in range(cfg.layers):
         for kind in ("weight", "bias"):
-            q, k, v = sd[f"layers.{i}.attn.qkv.{kind}"].chunk(3)
-            for name, t in (("query", q), ("key", k), ("value", v)):
+            for name, t in zip(("query", "key", "value"), sd[f"layers.{i}.attn.qkv.{kind}"].chunk(3)):
                 out[f"bert.encoder.layer.{i}.attention.self.{name}.{kind}"] = t
-    for ours, theirs in HF_NAMES:
+    for ours, theirs in HF_NAMES.items():
         for i in range(cfg.layers) if "{i}" in ours else [None]:
             for kind in ("weight", "bias"):
-                key = ours.format(i=i) + "." + kind
-                if key in sd:
-                    out[theirs.format(i=i) + "." + kind] = sd[key]
-    out["cls.predictions.bias"] = sd["decoder.bias"]  # the decoder weight is tied to the embedding
+                if f"{ours.format(i=i)}.{kind}" in sd and (ours, kind) != ("decoder", "weight"):
+                    out[f"{theirs.format(i=i)}.{kind}"] = sd[f"{ours.format(i=i)}.{kind}"]
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
 def export_hf(folder, to):
     """A folder that transformers' BertForPreTraining.from_pretrained and AutoTokenizer load."""
     state, tok, cfg = load_checkpoint(folder)
-    if os.path.exists(os.path.join(to, "model.pt")) or os.path.realpath(to) == os.path.realpath(folder):
-        die(f"--to {to} holds a minibert checkpoint, which export would overwrite; export to a new folder")
     try:
         os.makedirs(to, exist_ok=True)
     except OSError as e:
         die(f"cannot create --to {to}: {e.strerror}")
-    sd = hf_state_dict(state["model"], cfg)
-    config = {
-        "architectures": ["BertForPreTraining"], "model_type": "bert", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-        "intermediate_size": cfg.ffn, "hidden_act": "gelu", "hidden_dropout_prob": cfg.dropout,
-        "attention_probs_dropout_prob": cfg.dropout, "max_position_embeddings": cfg.max_position,
-        "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": PAD,
-        "tie_word_embeddings": True,
-    }
-    special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+    config = {"architectures": ["BertForPreTraining"], "model_type": "bert", "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+              "intermediate_size": cfg.ffn, "hidden_act": "gelu", "hidden_dropout_prob": cfg.dropout,
+              "attention_probs_dropout_prob": cfg.dropout, "max_position_embeddings": cfg.max_position,
+              "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": PAD,
+              "tie_word_embeddings": True}
+    special = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIALS))
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position,
                   "model_input_names": ["input_ids", "token_type_ids", "attention_mask"], "do_lower_case": True, **special}
     for name, obj in {"config.json": config, "tokenizer_config.json": tok_config, "special_tokens_map.json": special}.items():
@@ -955,9 +902,9 @@ def export_hf(folder, to):
         f.write("\n".join(tok.id_to_token(i) for i in range(tok.get_vocab_size())) + "\n")
     try:
         from safetensors.torch import save_file
-        save_file(sd, os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
+        save_file(hf_state_dict(state["model"], cfg), os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
     except ImportError:
-        torch.save(sd, os.path.join(to, "pytorch_model.bin"))
+        torch.save(hf_state_dict(state["model"], cfg), os.path.join(to, "pytorch_model.bin"))
     print(f"exported {folder} to {to}/; load it with transformers.BertForPreTraining.from_pretrained({to!r})")
 
 
@@ -970,48 +917,44 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_config_flags(p):
-    """Every Config field becomes a flag of the same name and type, its comment the help, so they never drift."""
+    """Every Config field becomes a flag of the same name and type, its comment the help: they can't drift."""
     helps = dict(re.findall(r"^    (\w+): \w+ = .+?  # (.+)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
-        h = f"{helps.get(f.name, '')} (default {f.default})".replace("%", "%%")
+        h = f"{helps[f.name]} (default {f.default})".replace("%", "%%")
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=h)
-        elif f.name == "device":
-            p.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None, help=h)
         else:
-            p.add_argument(f"--{f.name}", type=f.type, default=None, metavar=f.type.__name__.upper(), help=h)
-    presets = ", ".join(f"{k} ({v[0]} x {v[1]}, lr {v[2]:g})" for k, v in PRESETS.items())
-    p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; explicit "
-                   "--layers, --lr etc. override it (default mini)")
+            choices = ["auto", "cuda", "cpu"] if f.name == "device" else None
+            p.add_argument(f"--{f.name}", type=f.type, choices=choices, metavar=f.type.__name__.upper(), help=h)
+    presets = ", ".join(f"{k} ({n} x {h}, lr {lr:g})" for k, (n, h, lr) in PRESETS.items())
+    p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; "
+                   "explicit flags (--layers, --lr, ...) win (default mini)")
 
 
 def build_config(args, base=None):
     """Defaults (or base), then the preset, then each flag given on the command line."""
-    cfg = base or Config()
-    if getattr(args, "preset", None):
-        cfg = apply_preset(cfg, args.preset)
+    cfg = apply_preset(base or Config(), args.preset) if getattr(args, "preset", None) else base or Config()
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
     return dataclasses.replace(cfg, **given), given
 
 
 def check_config(cfg, world=1):
-    positive = ["layers", "hidden", "heads", "ffn", "vocab_size", "max_position", "max_len", "batch_size", "grad_accum",
-                "epochs", "lr", "log_every", "save_every"]
-    for name in positive:
+    for name in ("layers", "hidden", "heads", "ffn", "vocab_size", "max_position", "max_len", "batch_size", "grad_accum",
+                 "epochs", "lr", "log_every", "save_every"):
         if getattr(cfg, name) <= 0:
             die(f"--{name} must be positive, not {getattr(cfg, name)}")
-    if cfg.hidden % cfg.heads:
-        die(f"--hidden {cfg.hidden} is not divisible by --heads {cfg.heads}")
-    if not cfg.max_len <= cfg.max_position or cfg.max_len < 8:
-        die(f"--max_len must be between 8 and --max_position ({cfg.max_position}), not {cfg.max_len}")
     for name in ("dropout", "short_seq_prob", "warmup", "val_share"):
         if not 0 <= getattr(cfg, name) < 1:
             die(f"--{name} must be in [0, 1), not {getattr(cfg, name)}")
+    if not 0 < cfg.mask_prob < 1:
+        die(f"--mask_prob must be in (0, 1), not {cfg.mask_prob}")
     for name in ("max_steps", "weight_decay", "grad_clip"):
         if getattr(cfg, name) < 0:
             die(f"--{name} must not be negative, not {getattr(cfg, name)}")
-    if not 0 < cfg.mask_prob < 1:
-        die(f"--mask_prob must be in (0, 1), not {cfg.mask_prob}")
+    if cfg.hidden % cfg.heads:
+        die(f"--hidden {cfg.hidden} is not divisible by --heads {cfg.heads}")
+    if not 8 <= cfg.max_len <= cfg.max_position:
+        die(f"--max_len must be between 8 and --max_position ({cfg.max_position}), not {cfg.max_len}")
     if cfg.vocab_size <= len(SPECIALS):
         die(f"--vocab_size must exceed the {len(SPECIALS)} special tokens")
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -1024,16 +967,6 @@ def resolve_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         die("--device cuda, but torch sees no CUDA GPU; use --device cpu (or install a CUDA build of torch)")
     return name
-
-
-def prepare_output(folder):
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        die(f"cannot write to --out {folder} ({e.strerror}); pick another folder with --out")
 
 
 def cmd_train(args):
@@ -1056,8 +989,7 @@ def cmd_train(args):
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     check_config(cfg, world)
-    if cfg.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # for what autocast leaves in fp32
+    torch.backends.cuda.matmul.allow_tf32 = True  # on CUDA, for what autocast leaves in fp32
     t0 = time.time()
     if args.data:
         train_docs, val_docs = split_docs(read_corpus(args.data), cfg.val_share, cfg.seed)
@@ -1065,9 +997,14 @@ def cmd_train(args):
         hub = load_hub(cfg)
         if "train" not in hub:
             die(f"{cfg.dataset} has no train split; pass --data FILE")
-        train_docs, val_docs = (hub["train"], hub["validation"]) if "validation" in hub else \
-            split_docs(hub["train"], cfg.val_share, cfg.seed)
-    prepare_output(cfg.out)
+        train_docs, val_docs = hub["train"], hub.get("validation")
+        if val_docs is None:
+            train_docs, val_docs = split_docs(train_docs, cfg.val_share, cfg.seed)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        open(os.path.join(cfg.out, "metrics.jsonl"), "a").close()
+    except OSError as e:
+        die(f"cannot write to --out {cfg.out} ({e.strerror}); pick another folder with --out")
     if resume is None:
         tok = train_tokenizer((s for d in train_docs for s in d), cfg.vocab_size) if rank == 0 else None
         if world > 1:  # its training is not deterministic: rank 0's goes to every rank
@@ -1081,8 +1018,8 @@ def cmd_train(args):
     val_pairs = make_pairs(corpus, range(n, n + len(val_docs)), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)[:4096]
     if rank == 0:
         print(f"data: {time.time() - t0:.1f} s (reading and tokenizer {t_tok:.1f} s{', corpus from the cache' if cached else ''})"
-              f" | {n} documents, {len(corpus.ids):,} tokens in all, {len(val_pairs)} pairs held out | vocabulary {tok.get_vocab_size()}")
-        print("config:", json.dumps(dataclasses.asdict(cfg)))
+              f" | {n} documents, {len(corpus.ids):,} tokens in all, {len(val_pairs)} pairs held out | vocabulary "
+              f"{tok.get_vocab_size()}\nconfig: {json.dumps(dataclasses.asdict(cfg))}")
     train(cfg, tok, corpus, range(n), val_pairs if len(val_pairs) else None, resume)
 
 
@@ -1093,7 +1030,7 @@ def cmd_demo(args):
     model, tok, cfg = load_model(args.ckpt, resolve_device(args.device))
     guesses, windows = fill_mask(model, tok, args.text, cfg.max_len, args.top_k)
     if windows > 1:
-        print(f"note: the text is longer than the model's {cfg.max_len} tokens; it was read in {windows} windows, "
+        print(f"note: the text is longer than the model's {cfg.max_len} tokens: it was read in {windows} windows, "
               "each around a [MASK]", file=sys.stderr)
     for i, g in enumerate(guesses):
         print(f"[MASK] {i + 1}: " + "  ".join(f"{w} {p:.3g}" for w, p in g))
@@ -1107,14 +1044,11 @@ def cmd_eval(args):
         die(f"{cfg.dataset} has no validation split; pass --data FILE")
     corpus, _ = cached_corpus(tok, docs, args.ckpt)
     pairs = make_pairs(corpus, range(len(docs)), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)
-    if not len(pairs):
+    if len(pairs) == 0:
         die(TOO_LITTLE)
-    m = evaluate(model, corpus.ids.to(device), pairs.to(device), dataclasses.replace(cfg, device=device))
-    m["pairs"] = len(pairs)
-    if args.json:
-        print(json.dumps(m))
-    else:
-        print(f"{len(pairs)} pairs | mlm_loss {m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f}")
+    m = {**evaluate(model, corpus.ids.to(device), pairs.to(device), cfg), "pairs": len(pairs)}
+    print(json.dumps(m) if args.json else
+          f"{len(pairs)} pairs | mlm_loss {m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f}")
 
 
 def cmd_bench(args):
@@ -1122,11 +1056,9 @@ def cmd_bench(args):
     cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
     check_config(cfg)
     r = bench(cfg, args.steps)
-    if args.json:
-        print(json.dumps(r))
-    else:
-        print(f"{r['device']}: {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tokens/s | MFU {100 * r['mfu']:.1f}% "
-              f"({r['peak_note']}) | batch {r['batch_size']} x {r['max_len']} | warm-up {r['warmup_s']:.1f} s")
+    print(json.dumps(r) if args.json else
+          f"{r['device']}: {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tokens/s | MFU {100 * r['mfu']:.1f}% "
+          f"({r['peak_note']}) | batch {r['batch_size']} x {r['max_len']} | warm-up {r['warmup_s']:.1f} s")
 
 
 def main(argv=None):
@@ -1134,22 +1066,22 @@ def main(argv=None):
     p = Parser(prog="minibert.py", description="BERT pretraining from scratch, in one file.", allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", parser_class=Parser)
     t = sub.add_parser("train", allow_abbrev=False, help="pretrain (a hub dataset, or --data FILE)")
-    add_config_flags(t)
-    t.add_argument("--data", nargs="+", action="extend", metavar="FILE",
-                   help="local text (WikiText layout; .txt, .gz or .parquet) or the Cornell Movie-Dialogs folder")
-    t.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    b = sub.add_parser("bench", allow_abbrev=False, help="time the training step on synthetic batches")
     d = sub.add_parser("demo", allow_abbrev=False, help="fill in the [MASK]s of a sentence")
+    e = sub.add_parser("eval", allow_abbrev=False, help="MLM loss/accuracy and NSP accuracy on a text")
+    x = sub.add_parser("export", allow_abbrev=False, help="write a Hugging Face transformers folder")
+    for q in (t, b):
+        add_config_flags(q)
+    for q, default in ((t, "the hub dataset, --dataset"), (e, "the hub dataset's validation split")):
+        q.add_argument("--data", nargs="+", action="extend", metavar="FILE", help="local text (WikiText layout; .txt, "
+                       f".gz or .parquet) or the Cornell Movie-Dialogs folder; may be repeated (default {default})")
+    t.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    b.add_argument("--steps", type=int, default=20, help="timed steps, after 5 warm-up steps (default 20)")
     d.add_argument("text")
     d.add_argument("--top_k", type=int, default=5, help="guesses per [MASK] (default 5)")
-    e = sub.add_parser("eval", allow_abbrev=False, help="MLM loss/accuracy and NSP accuracy on a text")
-    e.add_argument("--data", nargs="+", action="extend", metavar="FILE", help="default: the hub dataset's validation split")
-    e.add_argument("--json", action="store_true", help="print one JSON object")
-    b = sub.add_parser("bench", allow_abbrev=False, help="time the training step on synthetic batches")
-    add_config_flags(b)
-    b.add_argument("--steps", type=int, default=20, help="timed steps, after 5 warm-up steps")
-    b.add_argument("--json", action="store_true", help="print one JSON object")
-    x = sub.add_parser("export", allow_abbrev=False, help="write a Hugging Face transformers folder")
     x.add_argument("--to", required=True, metavar="DIR")
+    for q in (b, e):
+        q.add_argument("--json", action="store_true", help="print one JSON object")
     for q in (d, e, x):
         q.add_argument("--ckpt", default="out", metavar="DIR", help="checkpoint folder (default out)")
     for q in (d, e):
@@ -1161,15 +1093,17 @@ def main(argv=None):
     for name in ("top_k", "steps"):
         if getattr(args, name, 1) < 1:
             die(f"--{name} must be positive, not {getattr(args, name)}")
+    commands = {"train": cmd_train, "demo": cmd_demo, "eval": cmd_eval, "bench": cmd_bench,
+                "export": lambda a: export_hf(a.ckpt, a.to)}
     try:
-        {"train": cmd_train, "demo": cmd_demo, "eval": cmd_eval, "bench": cmd_bench, "export": lambda a: export_hf(a.ckpt, a.to)}[args.cmd](args)
+        commands[args.cmd](args)
     except KeyboardInterrupt:
         print("\nminibert: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (torch.OutOfMemoryError, RuntimeError) as e:
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # CUDA's, or the CPU allocator's
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        die("out of memory; lower --batch_size (use --grad_accum to keep the batch) or --max_len")
+        die("out of memory; lower --batch_size (--grad_accum keeps the batch) or --max_len")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

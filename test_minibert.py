@@ -227,11 +227,8 @@ def test_padding_does_not_change_real_outputs():
 
 
 def write_checkpoint(folder, model, cfg, tok):
-    """A checkpoint folder as train writes one (weights, config, tokenizer), without training."""
-    tok_json = tok.to_str()
-    (folder / "tokenizer.json").write_text(tok_json)
-    state = {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "step": 0,
-             "tokenizer_sha256": mb.hashlib.sha256(tok_json.encode()).hexdigest()}
+    """A checkpoint as train writes one (weights, config, tokenizer), without training."""
+    state = {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "step": 0, "tokenizer": tok.to_str()}
     mb.save_checkpoint(str(folder / "model.pt"), state)
 
 
@@ -561,18 +558,10 @@ def cli(tmp_path_factory):
     bad.mkdir()
     (bad / "model.pt").write_bytes(b"not a checkpoint")
     (bad / "tokenizer.json").write_text("{}")
-    notok = d / "notok"
-    notok.mkdir()
-    (notok / "model.pt").write_bytes(open(os.path.join(ckpt, "model.pt"), "rb").read())
     trunc = d / "trunc"
     trunc.mkdir()
     (trunc / "model.pt").write_bytes(open(os.path.join(ckpt, "model.pt"), "rb").read()[:5000])
-    (trunc / "tokenizer.json").write_text(open(os.path.join(ckpt, "tokenizer.json")).read())
-    mixed = d / "mixed"  # the weights of one run, the tokenizer of another
-    mixed.mkdir()
-    (mixed / "model.pt").write_bytes(open(os.path.join(ckpt, "model.pt"), "rb").read())
-    other_docs = mb.parse_wikitext(make_corpus(seed=1).splitlines())
-    mb.train_tokenizer((s for doc in other_docs for s in doc), 300).save(str(mixed / "tokenizer.json"))
+    shutil.copytree(ckpt, d / "exported")  # export into a checkpoint's own folder must not damage it
     half_cornell = d / "cornell"  # movie_lines.txt without movie_conversations.txt
     half_cornell.mkdir()
     (half_cornell / "movie_lines.txt").write_text("L1 +++$+++ u0 +++$+++ m0 +++$+++ A +++$+++ Hi .\n")
@@ -593,7 +582,6 @@ def cli(tmp_path_factory):
         "no_ckpt": ["demo", "the [MASK] sat", "--ckpt", str(d / "nowhere")],
         "foreign_ckpt": ["demo", "the [MASK] sat", "--ckpt", str(bad)],
         "truncated_ckpt": ["eval", "--data", c, "--ckpt", str(trunc)],
-        "missing_tokenizer": ["demo", "the [MASK] sat", "--ckpt", str(notok)],
         "data_missing": ["train", "--data", str(d / "nope.txt"), "--out", str(d / "o1")],
         "data_empty": ["train", "--data", str(d / "empty.txt"), "--out", str(d / "o2")],
         "data_folder": ["train", "--data", str(d), "--out", str(d / "o3")],
@@ -621,11 +609,10 @@ def cli(tmp_path_factory):
         "resume_other_data": ["train", "--data", str(d / "other.txt"), "--resume", "--out", ckpt],
         "export_no_ckpt": ["export", "--ckpt", str(d / "nowhere"), "--to", str(d / "hf")],
         "export_unwritable": ["export", "--ckpt", ckpt, "--to", str(corpus / "hf")],
-        "export_into_ckpt": ["export", "--ckpt", ckpt, "--to", ckpt],
+        "export_into_ckpt": ["export", "--ckpt", str(d / "exported"), "--to", str(d / "exported")],
         "eval_too_little": ["eval", "--data", str(d / "one.txt"), "--ckpt", ckpt],
         "demo_only_mask": ["demo", "[MASK]", "--ckpt", ckpt],
         "demo_lower_mask": ["demo", "the [mask] sat", "--ckpt", ckpt],
-        "foreign_tokenizer": ["demo", "the [MASK] sat", "--ckpt", str(mixed)],
         "bench_out_of_memory": ["bench", "--device", "cpu", "--preset", "tiny", "--batch_size", "1000000000", "--max_len", "16"],
         "lr_diverges": ["train", "--data", c, "--preset", "tiny", "--vocab_size", "300", "--max_len", "48", "--lr", "1e6",
                         "--max_steps", "12", "--out", str(d / "o11")],
@@ -641,18 +628,17 @@ def cli(tmp_path_factory):
                                       "10", "--grad_accum", "2", *([env] if world == 2 else [])]
     if not torch.cuda.is_available():
         cases["no_cuda"] = ["train", "--data", c, "--device", "cuda", "--out", str(d / "o6")]
-    tokenizer_before = open(os.path.join(ckpt, "tokenizer.json"), "rb").read()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # the hub fails at once, offline
     results = run_many(cases, env)
     p = run(*cases["demo"], env=env)  # and once as a plain `python minibert.py ...`, to be sure
     assert (p.returncode, p.stdout, p.stderr) == results["demo"]
-    return {"trained": trained, "ckpt": ckpt, "out": d, "tokenizer_before": tokenizer_before, **results}
+    return {"trained": trained, "ckpt": ckpt, "out": d, **results}
 
 
 def test_cli_train_writes_checkpoint_and_log(cli):
     out = cli["trained"].stdout
     assert "step 6/6" in out and "data:" in out and "config:" in out
-    assert set(os.listdir(cli["ckpt"])) >= {"model.pt", "tokenizer.json", "config.json", "metrics.jsonl"}
+    assert {f for f in os.listdir(cli["ckpt"]) if not f.startswith("corpus-")} == {"model.pt", "metrics.jsonl"}
     log = [json.loads(line) for line in open(os.path.join(cli["ckpt"], "metrics.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 6] and all(math.isfinite(r["loss"]) for r in log if "loss" in r)
     assert any(r.get("eval") == 6 for r in log)
@@ -681,7 +667,7 @@ def test_cli_demo_long_text_answers_every_mask(cli):
 
 def test_cli_demo_top_k_beyond_the_vocabulary(cli):
     code, out, err = cli["demo_top_k_huge"]
-    vocab = json.load(open(os.path.join(cli["ckpt"], "config.json")))["vocab_size"]
+    vocab = mb.load_checkpoint(cli["ckpt"])[2].vocab_size
     assert code == 0, err
     assert len(out.split()) == 2 + 2 * vocab  # every token, once
 
@@ -732,9 +718,15 @@ def test_cli_help(cli):
     assert code == 0 and "sequences per optimizer step" in out and "lr 0.0001" in out  # Config comments; preset lrs
 
 
-def test_cli_export_refuses_the_checkpoint_folder(cli):
-    assert open(os.path.join(cli["ckpt"], "tokenizer.json"), "rb").read() == cli["tokenizer_before"]
-    assert json.load(open(os.path.join(cli["ckpt"], "config.json")))["layers"] == 2  # still minibert's config
+def test_cli_export_into_the_checkpoint_folder_damages_nothing(cli):
+    """The checkpoint is model.pt alone (weights, config, tokenizer, ...): Hugging Face's files beside it
+    change nothing for demo, eval or --resume."""
+    assert cli["export_into_ckpt"][0] == 0, cli["export_into_ckpt"][2]
+    folder = str(cli["out"] / "exported")
+    assert {"config.json", "tokenizer.json", "model.safetensors"} <= set(os.listdir(folder))
+    state, tok, cfg = mb.load_checkpoint(folder)
+    ref, ref_tok, _ = mb.load_checkpoint(cli["ckpt"])
+    assert tok.to_str() == ref_tok.to_str() and all(torch.equal(v, ref["model"][k]) for k, v in state["model"].items())
 
 
 def test_cli_non_finite_message_tells_the_truth(cli):
@@ -759,7 +751,7 @@ def test_interrupt_while_loading_data_exits_130(monkeypatch, capsys):
 
 BAD = {  # case -> what the one-line message must mention
     "no_mask": "no [MASK]", "empty_text": "no [MASK]", "no_ckpt": "train one first", "foreign_ckpt": "not a minibert checkpoint",
-    "truncated_ckpt": "not a minibert checkpoint", "missing_tokenizer": "tokenizer.json", "data_missing": "does not exist",
+    "truncated_ckpt": "not a minibert checkpoint", "data_missing": "does not exist",
     "data_empty": "holds no text", "data_folder": "is a folder", "data_latin1": "iconv -f latin1 -t utf-8",
     "data_too_little": "too little text", "cornell_half": "has no movie_conversations.txt",
     "unknown_flag": "unrecognized arguments: --bogus", "bad_type": "invalid int value",
@@ -770,8 +762,7 @@ BAD = {  # case -> what the one-line message must mention
     "resume_other_shape": "hidden 128, not 64", "no_hub": "--data FILE", "top_k_zero": "--top_k",
     "heads_mismatch": "not divisible", "max_len_too_long": "--max_len must be between", "dropout_range": "--dropout must be in",
     "resume_nothing": "train one first", "resume_other_data": "same --data", "export_no_ckpt": "train one first",
-    "foreign_tokenizer": "not the tokenizer model.pt was trained with", "export_unwritable": "cannot create --to",
-    "export_into_ckpt": "export to a new folder", "eval_too_little": "too little text",
+    "export_unwritable": "cannot create --to", "eval_too_little": "too little text",
     "bench_out_of_memory": "out of memory", "lr_diverges": "lower --lr", "no_cuda": "--device cpu",
 }
 
