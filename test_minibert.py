@@ -689,7 +689,7 @@ def test_cli_eval_repeats(cli):
 def test_cli_resume_of_a_finished_run_says_so_and_uses_the_cache(cli):
     code, out, err = cli["resume_finished"]
     assert code == 0, err
-    assert "corpus from the cache" in out and "had finished its 6 steps" in out and "--max_steps" in out
+    assert "corpus cached" in out and "had finished its 6 steps" in out and "--max_steps" in out
 
 
 def test_cli_data_given_twice_reads_both(cli):
