@@ -72,7 +72,7 @@ class Config:
     grad_accum: int = 1  # micro-batches per optimizer step on each GPU: the same update, less memory
     epochs: int = 40  # passes over the training pairs
     max_steps: int = 0  # if > 0: the run's length in optimizer steps, instead of epochs
-    lr: float = 5e-4  # peak learning rate, per step; each preset has its own, an explicit --lr wins
+    lr: float = 5e-4  # peak learning rate of AdamW; each preset has its own, an explicit --lr wins
     warmup: float = 0.1  # share of the steps spent warming the learning rate up linearly from 0
     weight_decay: float = 0.01  # AdamW decay on weight matrices (not on biases and LayerNorm)
     grad_clip: float = 1.0  # maximum global gradient norm (0: no clipping)
@@ -250,14 +250,15 @@ def epoch_pairs(corpus, docs, cfg, epoch, n):
     return pairs[order.repeat(1 + n // len(pairs))[:n]]  # (n, 5)
 
 
-def collate(ids, pairs, T):
+def collate(tokens, pairs, T):
     """Pairs (B, 5) -> token ids and segment ids (B, T): [CLS] A [SEP] B [SEP] [PAD]..., gathered from
-    the corpus ids by tensor operations on the pairs' device (a GPU builds its own batches)."""
+    the corpus' tokens (corpus.ids) by tensor operations on the pairs' device (a GPU makes its own batches)."""
     a0, la, b0, lb, nsp = (c[:, None] for c in pairs.unbind(1))  # (B, 1) each
     t = torch.arange(T, device=pairs.device)  # (T,) position
     in_a, in_b = (t >= 1) & (t <= la), (t >= la + 2) & (t < la + lb + 2)  # (B, T)
-    src = torch.where(in_a, a0 + t - 1, b0 + t - la - 2).clamp(0, len(ids) - 1)  # (B, T) where each token is
-    x = torch.where(in_a | in_b, ids[src].long(), PAD)  # (B, T)
+    src = torch.where(in_a, a0 + t - 1, b0 + t - la - 2)  # (B, T) where each token is in the corpus
+    src = src.clamp(0, len(tokens) - 1)  # (positions outside A and B point anywhere: they become specials)
+    x = torch.where(in_a | in_b, tokens[src].long(), PAD)  # (B, T)
     x = torch.where((t == la + 1) | (t == la + lb + 2), SEP, torch.where(t == 0, CLS, x))
     seg = ((t >= la + 2) & (t <= la + lb + 2)).long()  # (B, T) 0 for [CLS] A [SEP], 1 for B [SEP]
     return x, seg, nsp[:, 0]  # nsp (B,): 0 = IsNext, 1 = NotNext
@@ -269,20 +270,20 @@ def collate(ids, pairs, T):
 def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
     """BERT's MLM corruption for a whole batch, drawn fresh every call, on the batch's device.
 
-    Exactly round(15 %) of each sequence's real tokens are chosen ([CLS], [SEP] and [PAD] never are).
+    round(15 %) of each sequence's real tokens (at least one) are chosen; [CLS], [SEP], [PAD] never are.
     Of those, 80 % become [MASK], 10 % a random token and 10 % stay: the model must keep a good
     representation of every token, since it can't tell which were changed, and [MASK] never appears
-    at fine-tuning time. The choices fill P = ceil((T - 3) 15 %) prediction slots per sequence (the
-    paper's code has 20 at T = 128): one shape for every batch. Slots past a row's choices get the
-    label -100 (ignored). -> inputs (B, T), positions (B, P), labels (B, P).
+    at fine-tuning time. The choices fill P = ceil((T - 3) 15 %) slots per sequence, one shape for every
+    batch: 19 at T = 128, the most 125 real tokens need (the paper's code has 20). Slots past a row's
+    choices get the label -100 (ignored). -> inputs (B, T), positions (B, P), labels (B, P).
     """
     B, T = ids.shape  # batch, sequence length
     P = math.ceil((T - 3) * mask_prob)  # prediction slots
     real = (ids != PAD) & (ids != CLS) & (ids != SEP)  # (B, T)
     k = (real.sum(1) * mask_prob).round().clamp(min=1)  # (B,) tokens to choose per row
     score = torch.rand(B, T, generator=gen, device=ids.device).masked_fill(~real, 2.0)  # specials sort last
-    pos = score.topk(P, dim=1, largest=False).indices  # (B, P) the P lowest scores of each row
-    used = torch.arange(P, device=ids.device) < k[:, None]  # (B, P) the first k slots are the chosen
+    pos = score.topk(P, dim=1, largest=False).indices  # (B, P) the P lowest scores, lowest first
+    used = torch.arange(P, device=ids.device) < k[:, None]  # (B, P) so the first k slots are the chosen
     orig = ids.gather(1, pos)  # (B, P)
     r = torch.rand(B, P, generator=gen, device=ids.device)
     random_ids = torch.randint(len(SPECIALS), vocab_size, (B, P), generator=gen, device=ids.device)  # never special
@@ -378,7 +379,8 @@ class BERT(nn.Module):
         """ids, seg (B, T) -> MLM logits (B, T, V) and NSP logits (B, 2). With pos (B, P): MLM logits at
         those positions only, (B, P, V). Training reads the last layer at [CLS] and the ~15 % masked
         positions alone, so the last layer and the V-wide decoder run there alone, with the same losses
-        and gradients (tested): on the CPU (mini, batch 32) 2.14x -> 2.62x the speed of Hugging Face's."""
+        and gradients (tested). Measured on the CPU (mini, batch 32), in an earlier version of this file:
+        the training step went from 2.14x to 2.62x the speed of Hugging Face's BertForPreTraining."""
         mask = (ids != PAD)[:, None, None, :]  # (B, 1, 1, T) the keys a query may attend to
         idx = None if pos is None else F.pad(pos, (1, 0))  # (B, 1 + P) [CLS] (position 0), then pos
         x = self.emb(ids, seg)  # (B, T, H)
@@ -390,9 +392,6 @@ class BERT(nn.Module):
 
 
 # ----------------------------------------------------------------------------- training
-
-TOO_LITTLE = "too little text to build a single sentence pair: give at least two documents of two sentences or more"
-
 
 def lr_at(step, total, cfg):
     """Linear warm-up over the first `warmup` share of the steps, then linear decay to 0."""
@@ -431,7 +430,7 @@ def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
     was skipped, else 0.0; both stay on the device, so that the GPU never waits for the CPU."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    B, n_mlm = len(batch[0]), (batch[3] != -100).sum()
+    B, n_mlm = len(batch[0]), (batch[3] != -100).sum()  # batch = (ids, seg, pos, labels, nsp), as loss_fn takes
     mine = [t[rank * B // world : (rank + 1) * B // world].chunk(cfg.grad_accum) for t in batch]
     stats = 0
     for i, micro in enumerate(zip(*mine)):
@@ -440,8 +439,9 @@ def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
             (loss * world).backward()  # DDP averages the ranks' gradients; the batch's loss is their sum
         stats = stats + s
     norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    # A non-finite loss gives a non-finite gradient norm; then fused AdamW skips the update on the
-    # device, weights and moments alike (it reads found_inf, as for GradScaler): no host sync.
+    # A non-finite loss gives a non-finite gradient norm; then the fused AdamW (only the fused one)
+    # skips the update on the device, weights and moments alike: it reads found_inf, as GradScaler
+    # sets it. So the guard costs no host sync.
     optimizer.found_inf = (~norm.isfinite()).float()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -449,17 +449,17 @@ def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
 
 
 @torch.no_grad()
-def evaluate(model, ids, pairs, cfg, batch_size=64):
+def evaluate(model, tokens, pairs, cfg, batch_size=64):
     """Held-out MLM loss and accuracy, NSP accuracy, and top_share: the share of the most frequent MLM
     prediction (near 1: one token predicted everywhere). Masks from a fixed seed: the same every time."""
     was_training = model.training
     model.eval()
-    gen = torch.Generator(ids.device).manual_seed(cfg.seed)
-    loss, hits, nsp_hits, counts = 0, 0, 0, torch.zeros(cfg.vocab_size, device=ids.device)
+    gen = torch.Generator(tokens.device).manual_seed(cfg.seed)
+    loss, hits, nsp_hits, counts = 0, 0, 0, torch.zeros(cfg.vocab_size, device=tokens.device)
     for i in range(0, len(pairs), batch_size):
-        x, seg, nsp = collate(ids, pairs[i : i + batch_size], cfg.max_len)
+        x, seg, nsp = collate(tokens, pairs[i : i + batch_size], cfg.max_len)
         x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)
-        with autocast(ids.device):
+        with autocast(tokens.device):
             mlm_logits, nsp_logits = model(x, seg, pos)
         logits, target = mlm_logits[labels != -100].float(), labels[labels != -100]  # (M, V), (M,)
         loss += F.cross_entropy(logits, target, reduction="sum")
@@ -470,6 +470,137 @@ def evaluate(model, ids, pairs, cfg, batch_size=64):
     n = counts.sum()
     return {"mlm_loss": float(loss / n), "mlm_acc": float(hits / n), "nsp_acc": float(nsp_hits) / len(pairs),
             "top_share": float(counts.max() / n)}
+
+
+def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
+    """The loop, over the documents train_docs (indices) of a Corpus; val_pairs: held-out pairs, or None.
+    resume: a checkpoint's state to go on from. stop_at: stop after that step, as Ctrl-C does (for tests).
+    Under torchrun every process runs it; rank 0 alone prints, evaluates and saves."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    device, B, T = torch.device(cfg.device), cfg.batch_size, cfg.max_len
+    torch.manual_seed(cfg.seed)
+    raw = BERT(cfg).to(device)  # the same initial weights on every rank
+    model = nn.parallel.DistributedDataParallel(raw) if world > 1 else raw
+    optimizer = make_optimizer(raw, cfg)
+    loss_fn = torch.compile(pretraining_loss) if cfg.compile else pretraining_loss
+    gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # masks: the same on every rank
+    torch.manual_seed(cfg.seed + rank)  # dropout: not the same on every rank
+    tokens = corpus.ids.to(device)  # the whole tokenized corpus: batches are gathered on the GPU
+    N = len(make_pairs(corpus, train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob))  # pairs per epoch
+    if N == 0:
+        sys.exit(f"minibert: error: {TOO_LITTLE}")
+    assert B % (world * cfg.grad_accum) == 0, "batch_size must be a multiple of processes x grad_accum"
+    steps_per_epoch = math.ceil(N / B)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    step, history, saved = 0, [], None
+    if resume is not None:
+        if resume["n_train_pairs"] != N:
+            sys.exit(f"minibert: error: --resume: this data gives {N} training pairs, the checkpoint's run had "
+                     f"{resume['n_train_pairs']}; pass the same --data")
+        restore(resume, raw, optimizer, gen, device)
+        step, history, saved = resume["step"], resume["history"], resume["step"]
+        if world > 1:  # rank 0's dropout state was saved: the others draw new masks (exact with --dropout 0)
+            torch.manual_seed(cfg.seed + rank + 1000 * step)
+    if step >= total:
+        return say(f"the run in {cfg.out}/ had finished its {total} steps; to go on, --resume with more --max_steps")
+    os.makedirs(cfg.out, exist_ok=True)
+    say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per "
+        f"epoch, {steps_per_epoch} steps per epoch of {B} sequences, {total} steps")
+    sums = torch.zeros(5, device=device)  # the step's stats, summed over a log interval, on the device
+    skipped, in_a_row, worst = (torch.zeros((), device=device) for _ in range(3))  # non-finite steps
+    first, pairs, n_steps, t_data, t0 = step, None, 0, 0.0, time.time()
+    with stop_request() as stopped:
+        while step < total:
+            epoch, i = divmod(step, steps_per_epoch)
+            t = time.time()
+            if i == 0 or pairs is None:  # the epoch's pairs, on the device
+                pairs = epoch_pairs(corpus, train_docs, cfg, epoch, steps_per_epoch * B).to(device)
+            x, seg, nsp = collate(tokens, pairs[i * B : (i + 1) * B], T)  # (B, T), (B, T), (B,)
+            x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)  # (B, T), (B, P), (B, P)
+            t_data += time.time() - t
+            lr = lr_at(step, total, cfg)
+            stats, bad = train_step(model, optimizer, loss_fn, (x, seg, pos, labels, nsp), lr, cfg, rank, world)
+            step, n_steps = step + 1, n_steps + 1
+            sums += torch.where(bad > 0, 0.0, stats)  # a skipped step's stats are not finite
+            skipped, in_a_row = skipped + bad, (in_a_row + 1) * bad
+            worst = torch.maximum(worst, in_a_row)
+            if cfg.compile and step == first + 1:
+                say(f"compile: {time.time() - t0:.1f} s (the first step)")
+            last_step, epoch_end, log_now = step == total, step % steps_per_epoch == 0, step % cfg.log_every == 0
+            stop = stopped[0] or (stop_at is not None and step >= stop_at)
+            if world > 1:  # the ranks must stop at the same step: they agree at log steps
+                flag = torch.tensor(float(stop and log_now), device=device)
+                if log_now:
+                    dist.all_reduce(flag, dist.ReduceOp.MAX)
+                stop = bool(flag)
+            save = epoch_end or last_step or step % cfg.save_every == 0 or stop
+            if (log_now or save) and worst >= 3:  # the device's counters are read once per interval
+                where = f"the last checkpoint (step {saved}) is in {cfg.out}/" if saved else "no checkpoint was written"
+                sys.exit(f"minibert: error: {int(worst)} non-finite losses in a row at step {step} (those steps "
+                         f"changed nothing); lower --lr; {where}")
+            if log_now or last_step:
+                if world > 1:
+                    dist.all_reduce(sums)
+                if skipped > 0:
+                    say(f"warning: {int(skipped)} step(s) skipped, non-finite loss", file=sys.stderr)
+                dt, m = time.time() - t0, (sums / max(1, n_steps - int(skipped))).tolist()
+                say(f"step {step}/{total} | loss {m[0]:.4f} | mlm {m[1]:.4f} | nsp {m[2]:.4f} | mlm_acc {m[3]:.3f} | "
+                    f"nsp_acc {m[4]:.3f} | lr {lr:.2e} | {n_steps * B * T / dt:,.0f} tok/s | "
+                    f"data {100 * t_data / dt:.1f}%")
+                log(cfg.out, rank, dict(step=step, loss=m[0], mlm_loss=m[1], nsp_loss=m[2], mlm_acc=m[3], nsp_acc=m[4],
+                                        lr=lr, tok_per_s=n_steps * B * T / dt, data_share=t_data / dt))
+                sums, skipped, n_steps, t_data, t0 = sums.zero_(), skipped.zero_(), 0, 0.0, time.time()
+            t_pause = time.time()
+            if (epoch_end or last_step) and val_pairs is not None and rank == 0:
+                m = evaluate(raw, tokens, val_pairs.to(device), cfg)
+                say(f"eval ({'end' if last_step else f'epoch {step // steps_per_epoch}'}) step {step}: mlm_loss "
+                    f"{m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | "
+                    f"top_share {m['top_share']:.2f}")
+                if warning := health_warning(history, m):
+                    say(f"warning: {warning}", file=sys.stderr)
+                history.append(m)
+                log(cfg.out, rank, {"eval": step, **m})
+            if save and rank == 0:  # everything demo and --resume need, the tokenizer too
+                rng = {"torch": torch.get_rng_state(), "mask": gen.get_state(),
+                       "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+                save_checkpoint(os.path.join(cfg.out, "model.pt"), {
+                    "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+                    "tokenizer": tok.to_str(), "step": step, "n_train_pairs": N, "history": history, "rng": rng})
+                saved = step
+            t0 += time.time() - t_pause  # evaluation and saving don't count against tokens/s
+            if stop and not last_step:
+                say(f"stopped at step {step}; checkpoint saved in {cfg.out}/, continue with --resume", file=sys.stderr)
+                sys.exit(130)
+    say(f"done: checkpoint in {cfg.out}/model.pt; try: python minibert.py demo \"the [MASK] sat .\" --ckpt {cfg.out}")
+    return raw
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+@torch.no_grad()
+def fill_mask(model, tok, text, max_len, top_k=5):
+    """-> for each [MASK] in text, the top_k (word, probability) guesses; and how many windows of max_len
+    tokens were read: one around each [MASK] the windows before it missed, so every [MASK] is answered."""
+    model.eval()  # no dropout
+    body, W = tok.encode(text, add_special_tokens=False).ids, max_len - 2  # W: text tokens per window
+    masks = [i for i, t in enumerate(body) if t == MASK]
+    device, guesses, windows = next(model.parameters()).device, [], 0
+    while len(guesses) < len(masks):
+        start = max(0, min(masks[len(guesses)] - W // 4, len(body) - W))  # some context before the mask
+        x = torch.tensor([[CLS] + body[start : start + W] + [SEP]], device=device)  # (1, T)
+        probs = model(x, torch.zeros_like(x))[0][0, 1:-1].float().softmax(-1)  # (T - 2, V)
+        for m in [m for m in masks[len(guesses) :] if m < start + W]:
+            top = probs[m - start].topk(min(top_k, probs.size(-1)))
+            guesses.append([(tok.id_to_token(i), p) for p, i in zip(top.values.tolist(), top.indices.tolist())])
+        windows += 1
+    return guesses, windows
+
+
+# ----------------------------------------------------------------------------- checkpoints, Ctrl-C, warnings
+
+TOO_LITTLE = "too little text to build a single sentence pair: give at least two documents of two sentences or more"
 
 
 def health_warning(history, m):
@@ -503,9 +634,21 @@ def save_checkpoint(path, state):
         raise
 
 
+def restore(state, model, optimizer, gen, device):
+    """A checkpoint's weights, optimizer moments and random generators (dropout, masks): the run goes on
+    exactly as if it had never stopped (the pairs and their order are functions of seed and epoch)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    gen.set_state(state["rng"]["mask"])
+    if device.type == "cuda" and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+
 @contextmanager
 def stop_request():
-    """Ctrl-C or SIGTERM sets stop[0]; the loop saves and exits between steps, never mid-update."""
+    """Ctrl-C or SIGTERM sets stop[0]; the loop saves and exits between steps, never mid-update (under
+    torchrun, at the next log step, so that every rank stops at the same one)."""
     stop = [False]
 
     def handle(sig, frame):
@@ -521,141 +664,10 @@ def stop_request():
             signal.signal(sig, handler)
 
 
-def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
-    """The loop, over the documents train_docs (indices) of a Corpus; val_pairs: held-out pairs, or None.
-    resume: a checkpoint's state to go on from. stop_at: stop after that step, as Ctrl-C does (for tests).
-    Under torchrun every process runs it; rank 0 alone prints, evaluates and saves."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    say = print if rank == 0 else (lambda *a, **k: None)
-    device, B, T = torch.device(cfg.device), cfg.batch_size, cfg.max_len
-    torch.manual_seed(cfg.seed)
-    raw = BERT(cfg).to(device)  # the same initial weights on every rank
-    model = nn.parallel.DistributedDataParallel(raw) if world > 1 else raw
-    optimizer = make_optimizer(raw, cfg)
-    loss_fn = torch.compile(pretraining_loss) if cfg.compile else pretraining_loss
-    gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # masks: the same on every rank
-    torch.manual_seed(cfg.seed + rank)  # dropout: not the same on every rank
-    ids = corpus.ids.to(device)  # the whole tokenized corpus: batches are gathered on the GPU
-    N = len(make_pairs(corpus, train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob))  # pairs per epoch
-    if N == 0:
-        sys.exit(f"minibert: error: {TOO_LITTLE}")
-    steps_per_epoch = math.ceil(N / B)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    step, history, saved = 0, [], None
-    if resume is not None:
-        if resume["n_train_pairs"] != N:
-            sys.exit(f"minibert: error: --resume: this data gives {N} training pairs, the checkpoint's run had "
-                     f"{resume['n_train_pairs']}; pass the same --data")
-        raw.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        step, history, saved, rng = resume["step"], resume["history"], resume["step"], resume["rng"]
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-        gen.set_state(rng["mask"])
-        if device.type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
-    if step >= total:
-        say(f"the run in {cfg.out}/ had finished its {total} steps; to train longer, --resume with a larger "
-            "--max_steps or --epochs")
-        return raw
-    os.makedirs(cfg.out, exist_ok=True)
-    say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per "
-        f"epoch, {steps_per_epoch} steps per epoch of {B} sequences, {total} steps")
-    sums = torch.zeros(5, device=device)  # the step's stats, summed over a log interval, on the device
-    skipped, in_a_row, worst = (torch.zeros((), device=device) for _ in range(3))  # non-finite steps
-    first, pairs, n_steps, t_data, t0 = step, None, 0, 0.0, time.time()
-    with stop_request() as stopped:
-        while step < total:
-            epoch, i = divmod(step, steps_per_epoch)
-            t = time.time()
-            if i == 0 or pairs is None:  # the epoch's pairs, on the device
-                pairs = epoch_pairs(corpus, train_docs, cfg, epoch, steps_per_epoch * B).to(device)
-            x, seg, nsp = collate(ids, pairs[i * B : (i + 1) * B], T)  # (B, T), (B, T), (B,)
-            x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)  # (B, T), (B, P), (B, P)
-            t_data += time.time() - t
-            lr = lr_at(step, total, cfg)
-            stats, bad = train_step(model, optimizer, loss_fn, (x, seg, pos, labels, nsp), lr, cfg, rank, world)
-            step, n_steps = step + 1, n_steps + 1
-            sums += torch.where(bad > 0, 0.0, stats)  # a skipped step's stats are not finite
-            skipped, in_a_row = skipped + bad, (in_a_row + 1) * bad
-            worst = torch.maximum(worst, in_a_row)
-            if cfg.compile and step == first + 1:
-                say(f"compile: {time.time() - t0:.1f} s (the first step)")
-            last_step, epoch_end, log_now = step == total, step % steps_per_epoch == 0, step % cfg.log_every == 0
-            stop = stopped[0] or step == stop_at
-            if world > 1:  # the ranks must stop at the same step: they agree at log steps
-                flag = torch.tensor(float(stop and log_now), device=device)
-                if log_now:
-                    dist.all_reduce(flag, dist.ReduceOp.MAX)
-                stop = bool(flag)
-            save = epoch_end or last_step or step % cfg.save_every == 0 or stop
-            if (log_now or save) and worst >= 3:  # the device's counters are read once per interval
-                where = f"the last checkpoint (step {saved}) is in {cfg.out}/" if saved else "no checkpoint was written"
-                sys.exit(f"minibert: error: {int(worst)} non-finite losses in a row at step {step} (those steps "
-                         f"changed nothing); lower --lr; {where}")
-            if log_now or last_step:
-                if world > 1:
-                    dist.all_reduce(sums)
-                if skipped > 0:
-                    say(f"warning: {int(skipped)} step(s) skipped, non-finite loss", file=sys.stderr)
-                dt, m = time.time() - t0, (sums / max(1, n_steps - int(skipped))).tolist()
-                say(f"step {step}/{total} | loss {m[0]:.4f} | mlm {m[1]:.4f} | nsp {m[2]:.4f} | mlm_acc {m[3]:.3f} | "
-                    f"nsp_acc {m[4]:.3f} | lr {lr:.2e} | {n_steps * B * T / dt:,.0f} tok/s | "
-                    f"data {100 * t_data / dt:.1f}%")
-                log(cfg.out, rank, dict(step=step, loss=m[0], mlm_loss=m[1], nsp_loss=m[2], mlm_acc=m[3], nsp_acc=m[4],
-                                        lr=lr, tok_per_s=n_steps * B * T / dt, data_share=t_data / dt))
-                sums, skipped, n_steps, t_data, t0 = sums.zero_(), skipped.zero_(), 0, 0.0, time.time()
-            t_pause = time.time()
-            if (epoch_end or last_step) and val_pairs is not None and rank == 0:
-                m = evaluate(raw, ids, val_pairs.to(device), cfg)
-                say(f"eval ({'end' if last_step else f'epoch {step // steps_per_epoch}'}) step {step}: mlm_loss "
-                    f"{m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | "
-                    f"top_share {m['top_share']:.2f}")
-                if warning := health_warning(history, m):
-                    say(f"warning: {warning}", file=sys.stderr)
-                history.append(m)
-                log(cfg.out, rank, {"eval": step, **m})
-            if save and rank == 0:  # everything demo and --resume need, the tokenizer too
-                rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "mask": gen.get_state(),
-                       "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-                save_checkpoint(os.path.join(cfg.out, "model.pt"), {
-                    "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-                    "tokenizer": tok.to_str(), "step": step, "n_train_pairs": N, "history": history, "rng": rng})
-                saved = step
-            t0 += time.time() - t_pause  # evaluation and saving don't count against tokens/s
-            if stop and not last_step:
-                say(f"stopped at step {step}; checkpoint saved in {cfg.out}/, continue with --resume", file=sys.stderr)
-                sys.exit(130)
-    say(f"done: checkpoint in {cfg.out}/model.pt; try: python minibert.py demo \"the [MASK] sat .\" --ckpt {cfg.out}")
-    return raw
-
-
 def log(folder, rank, record):  # metrics.jsonl: one JSON object per log line and per evaluation
     if rank == 0:
         with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-# ----------------------------------------------------------------------------- demo
-
-
-@torch.no_grad()
-def fill_mask(model, tok, text, max_len, top_k=5):
-    """-> for each [MASK] in text, the top_k (word, probability) guesses; and the number of windows read:
-    a text longer than max_len is read in windows of max_len tokens, each around the first [MASK] that
-    the windows before it missed, so that every [MASK] gets an answer."""
-    body, W = tok.encode(text, add_special_tokens=False).ids, max_len - 2  # W: text tokens per window
-    masks = [i for i, t in enumerate(body) if t == MASK]
-    device, guesses, windows = next(model.parameters()).device, [], 0
-    while len(guesses) < len(masks):
-        start = max(0, min(masks[len(guesses)] - W // 4, len(body) - W))  # some context before the mask
-        x = torch.tensor([[CLS] + body[start : start + W] + [SEP]], device=device)  # (1, T)
-        probs = model(x, torch.zeros_like(x))[0][0, 1:-1].float().softmax(-1)  # (T - 2, V)
-        for m in [m for m in masks[len(guesses) :] if m < start + W]:
-            top = probs[m - start].topk(min(top_k, probs.size(-1)))
-            guesses.append([(tok.id_to_token(i), p) for p, i in zip(top.values.tolist(), top.indices.tolist())])
-        windows += 1
-    return guesses, windows
 
 
 # ----------------------------------------------------------------------------- command line: data and checkpoints
@@ -740,7 +752,7 @@ def split_docs(docs, share, seed):
     return docs[n_val:], docs[:n_val]
 
 
-def cached_corpus(tok, docs, folder):
+def cached_corpus(tok, docs, folder, save=True):
     """encode_corpus, cached in folder/corpus-KEY.pt. KEY hashes the text and the tokenizer, so a cache of
     other text or of another tokenizer is never used; a damaged one is rebuilt. -> (Corpus, cached?)"""
     h = hashlib.sha256(tok.to_str().encode())
@@ -757,7 +769,8 @@ def cached_corpus(tok, docs, folder):
         print(f"warning: {path} is damaged; tokenizing again", file=sys.stderr)
     corpus = encode_corpus(tok, docs)
     try:
-        save_checkpoint(path, corpus._asdict())
+        if save:  # (under torchrun, rank 0 alone writes it)
+            save_checkpoint(path, corpus._asdict())
     except OSError:  # a read-only folder: no cache
         pass
     return corpus, False
@@ -1009,7 +1022,7 @@ def cmd_train(args):
             tok = Tokenizer.from_str(tok[0])
         cfg = dataclasses.replace(cfg, vocab_size=tok.get_vocab_size())
     t_tok = time.time() - t0
-    corpus, cached = cached_corpus(tok, train_docs + val_docs, cfg.out)
+    corpus, cached = cached_corpus(tok, train_docs + val_docs, cfg.out, save=rank == 0)
     n = len(train_docs)
     val_pairs = make_pairs(corpus, range(n, n + len(val_docs)), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)[:4096]
     if rank == 0:
@@ -1096,10 +1109,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nminibert: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (torch.OutOfMemoryError, RuntimeError) as e:  # CUDA's, or the CPU allocator's
-        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+    except RuntimeError as e:  # CUDA out of memory (a RuntimeError), or the CPU allocator
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        die("out of memory; lower --batch_size (--grad_accum keeps the batch) or --max_len")
+        die("out of memory; raise --grad_accum (the same batch in smaller pieces), or lower --batch_size or --max_len")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -625,7 +625,7 @@ def cli(tmp_path_factory):
         for rank in range(world):
             env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
             cases[f"{name}{rank}"] = ["train", "--data", c, "--resume", "--out", str(d / name), "--dropout", "0", "--max_steps",
-                                      "10", "--grad_accum", "2", *([env] if world == 2 else [])]
+                                      "10", "--grad_accum", "2", "--device", "cpu", *([env] if world == 2 else [])]
     if not torch.cuda.is_available():
         cases["no_cuda"] = ["train", "--data", c, "--device", "cuda", "--out", str(d / "o6")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # the hub fails at once, offline
