@@ -115,18 +115,18 @@ def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")  # "play ##ing" -> "playing"
-    tok.train_from_iterator(sentences, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
-    # encode(text) adds [CLS] ... [SEP] as BERT does; training builds its own pairs from ids
-    tok.post_processor = processors.TemplateProcessing(
+    bar = sys.stderr.isatty()  # the trainer's progress bar on a terminal only: elsewhere it prints blank lines
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=bar)
+    tok.train_from_iterator(sentences, trainer)
+    tok.post_processor = processors.TemplateProcessing(  # encode(text) adds [CLS] ... [SEP], as BERT does
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)]
     )
     return tok
 
 
 # ----------------------------------------------------------------------------- corpus and pairs
-# Text is documents of sentences. Tokenized, a corpus is three flat arrays (Corpus), not Python lists:
-# 21M words take ~100 MB, not ~3 GB. WikiText-2's train split (600 articles, 2.1M words) gives
-# ~2.6M tokens and ~21k pairs of <= 128 tokens per epoch with the default 16k vocabulary.
+# Text is documents of sentences; tokenized, three flat arrays (Corpus): 21M words take ~100 MB, not ~3 GB.
+# WikiText-2's train split (600 articles, 2.1M words): ~2.6M tokens, ~21k pairs of <= 128 tokens per epoch.
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")  # ". The" ends a sentence
 WIKI_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), ("<unk>", "[UNK]")]
