@@ -241,11 +241,12 @@ def truncate_pair(a0, a1, b0, b1, max_tokens, rng):
     return a0, a1, b0, b1
 
 
-def epoch_pairs(corpus, docs, cfg, epoch, n):
+def epoch_pairs(corpus, docs, cfg, epoch, n, made=None):
     """New pairs (new A/B cuts, new NotNext partners) in a new order every epoch, as the paper's code
     makes 10 differently paired copies of the data: with fixed pairs, a small corpus lets NSP memorise
-    them. A function of (seed, epoch) alone, so a resumed run sees the same; cut or topped up to n."""
-    pairs = make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob)
+    them. A function of (seed, epoch) alone, so a resumed run sees the same; cut or topped up to n.
+    made: the epoch's pairs, if make_pairs built them already."""
+    pairs = make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob) if made is None else made
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
     return pairs[order.repeat(1 + n // len(pairs))[:n]]  # (n, 5)
 
@@ -487,7 +488,8 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # masks: the same on every rank
     torch.manual_seed(cfg.seed + rank)  # dropout: not the same on every rank
     tokens = corpus.ids.to(device)  # the whole tokenized corpus: batches are gathered on the GPU
-    N = len(make_pairs(corpus, train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob))  # pairs per epoch
+    pairs0 = make_pairs(corpus, train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob)  # epoch 0's
+    N = len(pairs0)  # pairs per epoch
     if N == 0:
         sys.exit(f"minibert: error: {TOO_LITTLE}")
     assert B % (world * cfg.grad_accum) == 0, "batch_size must be a multiple of processes x grad_accum"
@@ -515,7 +517,8 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             epoch, i = divmod(step, steps_per_epoch)
             t = time.time()
             if i == 0 or pairs is None:  # the epoch's pairs, on the device
-                pairs = epoch_pairs(corpus, train_docs, cfg, epoch, steps_per_epoch * B).to(device)
+                made = pairs0 if epoch == 0 else None
+                pairs = epoch_pairs(corpus, train_docs, cfg, epoch, steps_per_epoch * B, made).to(device)
             x, seg, nsp = collate(tokens, pairs[i * B : (i + 1) * B], T)  # (B, T), (B, T), (B,)
             x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)  # (B, T), (B, P), (B, P)
             t_data += time.time() - t
