@@ -295,6 +295,16 @@ def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
 # ----------------------------------------------------------------------------- model
 
 
+def dropout(x, p, training):
+    """F.dropout, with cheaper masks on the CPU, where torch draws one random number per element: here
+    each 64-bit draw gives four 15-bit ones (P(keep) = 1 - p to within 2^-15). Measured, 2 cores, mini,
+    batch 32, with attention's dropout done this way too: the training step 8 % faster."""
+    if not training or p == 0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    bits = torch.randint(0, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)[: x.numel()]
+    return torch.where((bits & 0x7FFF).view(x.shape) >= round(p * 32768), x / (1 - p), 0.0)
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -302,12 +312,12 @@ class Embeddings(nn.Module):
         self.pos = nn.Embedding(cfg.max_position, cfg.hidden)  # learned, not sinusoidal
         self.seg = nn.Embedding(2, cfg.hidden)  # sentence A or B
         self.ln = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.p = cfg.dropout
 
     def forward(self, ids, seg):
         T = ids.size(1)
         x = self.tok(ids) + self.pos.weight[:T] + self.seg(seg)  # (B, T, H)
-        return self.drop(self.ln(x))
+        return dropout(self.ln(x), self.p, self.training)
 
 
 class SelfAttention(nn.Module):
@@ -326,8 +336,12 @@ class SelfAttention(nn.Module):
         Tq, hs = q.size(1), H // self.nh  # query positions, head size
         q = q.view(B, Tq, self.nh, hs).transpose(1, 2)  # (B, nh, Tq, hs)
         k, v = (t.view(B, T, self.nh, hs).transpose(1, 2) for t in (k, v))  # (B, nh, T, hs)
-        p = self.p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, Tq, hs)
+        if self.training and self.p > 0 and x.device.type == "cpu":  # the same, with dropout's cheap CPU masks
+            att = (q @ k.transpose(-2, -1) / math.sqrt(hs)).masked_fill(~mask, float("-inf"))  # (B, nh, Tq, T)
+            y = dropout(att.softmax(-1), self.p, True) @ v  # (B, nh, Tq, hs)
+        else:
+            p = self.p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, Tq, hs)
         return self.proj(y.transpose(1, 2).reshape(B, Tq, H))  # (B, Tq, H)
 
 
@@ -342,16 +356,16 @@ class Layer(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden, cfg.ffn)
         self.fc2 = nn.Linear(cfg.ffn, cfg.hidden)
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.p = cfg.dropout
 
     def forward(self, x, mask, idx=None):
         """idx (B, Tq): compute the output at these positions only (default: all)."""
         a = self.attn(x, mask, idx)  # (B, Tq, H)
         if idx is not None:
             x = x.gather(1, idx[:, :, None].expand(-1, -1, x.size(2)))  # (B, Tq, H) the residual at those rows
-        x = self.ln1(x + self.drop(a))  # (B, Tq, H)
+        x = self.ln1(x + dropout(a, self.p, self.training))  # (B, Tq, H)
         h = self.fc2(F.gelu(self.fc1(x)))  # (B, Tq, H); exact erf GELU, as in the paper's code
-        return self.ln2(x + self.drop(h))  # (B, Tq, H)
+        return self.ln2(x + dropout(h, self.p, self.training))  # (B, Tq, H)
 
 
 class BERT(nn.Module):

@@ -809,3 +809,19 @@ def test_export_loads_into_transformers(tmp_path, tok):
     real = enc["attention_mask"].bool()
     assert (ref.prediction_logits[real] - mlm[real]).abs().max() < 1e-4
     assert (ref.seq_relationship_logits - nsp).abs().max() < 1e-4
+
+
+def test_cpu_dropout_masks_and_explicit_attention(monkeypatch):
+    """The CPU's cheap dropout keeps 1 - p of the elements, scaled by 1 / (1 - p); the explicit attention
+    it uses on the CPU equals F.scaled_dot_product_attention when dropout is taken out."""
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000)
+    y = mb.dropout(x, 0.1, True)
+    assert abs((y != 0).float().mean().item() - 0.9) < 0.002 and torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
+    model = mb.BERT(dataclasses.replace(TINY, dropout=0.1))
+    ids, seg, pos, _, _ = batch_of(TINY)
+    ids[0, 12:] = PAD
+    ref = model.eval()(ids, seg, pos)
+    monkeypatch.setattr(mb, "dropout", lambda x, p, training: x)
+    out = model.train()(ids, seg, pos)  # training mode on the CPU: the explicit path, here without dropout
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref, out))
