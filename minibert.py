@@ -125,33 +125,9 @@ def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
 
 
 # ----------------------------------------------------------------------------- corpus and pairs
-# Text is documents of sentences; tokenized, three flat arrays (Corpus): 21M words take ~100 MB, not ~3 GB.
-# WikiText-2's train split (600 articles, 2.1M words): ~2.6M tokens, ~21k pairs of <= 128 tokens per epoch.
-
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")  # ". The" ends a sentence
-WIKI_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), ("<unk>", "[UNK]")]
-
-
-def is_title(s):  # " = Title = " starts an article; " = = Section = = " is a heading
-    return s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
-
-
-def parse_wikitext(lines):
-    """WikiText layout -> documents. A file without title lines: blank lines separate documents."""
-    lines = [line.strip() for line in lines]
-    titled = any(is_title(s) for s in lines)
-    docs, doc = [], []
-    for s in lines + [""]:
-        if (titled and is_title(s)) or (not titled and not s):
-            docs.append(doc)
-            doc = []
-        elif s and not s.startswith("="):  # headings are not sentences
-            for a, b in WIKI_DETOK:
-                s = s.replace(a, b)
-            doc.extend(SENTENCE_END.split(s))
-    docs.append(doc)
-    return [d for d in docs if d]
-
+# Text is documents (a list of lists of sentences: parse_wikitext, read_corpus, after the demo). Tokenized,
+# it is three flat arrays (Corpus): 21M words take ~100 MB, not ~3 GB. WikiText-2's train split (600
+# articles, 2.1M words): ~2.6M tokens, ~21k pairs of <= 128 tokens per epoch.
 
 class Corpus(NamedTuple):
     ids: torch.Tensor  # (N,) int32: the token ids of every sentence, back to back
@@ -687,12 +663,37 @@ def log(folder, rank, record):  # metrics.jsonl: one JSON object per log line an
             f.write(json.dumps(record) + "\n")
 
 
-# ----------------------------------------------------------------------------- command line: data and checkpoints
+# ---------------------------------------------------- reading text (WikiText, Cornell, the hub), the cache, checkpoints
 
 
 def die(msg):
     """Bad input ends here: one line on stderr that says what to do, and exit status 1."""
     sys.exit(f"minibert: error: {msg}")
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")  # ". The" ends a sentence
+WIKI_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), ("<unk>", "[UNK]")]
+
+
+def is_title(s):  # " = Title = " starts an article; " = = Section = = " is a heading
+    return s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
+
+
+def parse_wikitext(lines):
+    """WikiText layout -> documents. A file without title lines: blank lines separate documents."""
+    lines = [line.strip() for line in lines]
+    titled = any(is_title(s) for s in lines)
+    docs, doc = [], []
+    for s in lines + [""]:
+        if (titled and is_title(s)) or (not titled and not s):
+            docs.append(doc)
+            doc = []
+        elif s and not s.startswith("="):  # headings are not sentences
+            for a, b in WIKI_DETOK:
+                s = s.replace(a, b)
+            doc.extend(SENTENCE_END.split(s))
+    docs.append(doc)
+    return [d for d in docs if d]
 
 
 def read_cornell(folder):
