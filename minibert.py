@@ -168,7 +168,9 @@ def make_pairs(corpus, docs, max_len, seed, short_seq_prob=0.1):
     Label 0 (IsNext): B is the rest of the chunk. Label 1 (NotNext): B is a run of sentences from
     another document, and the unused rest of the chunk goes back to the pool. Unlike the paper's
     code, a chunk always holds two sentences or more and the labels come from a shuffled deck, so
-    the classes are balanced to within one pair.
+    the classes are balanced to within one pair. Example: sentences s0..s5 of a document, s0..s3 fill
+    the target, the cut falls after s1: A = s0 s1; IsNext: B = s2 s3, and the next chunk starts at s4;
+    NotNext: B = a run from another document, and the next chunk starts at s2.
     """
     S, D = corpus.sents.tolist(), corpus.docs.tolist()  # Python ints: the loop below is Python's
     docs = [d for d in docs if D[d + 1] > D[d]]
