@@ -403,6 +403,26 @@ def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls a
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+class CrossEntropySum(torch.autograd.Function):
+    """F.cross_entropy(logits, target, reduction="sum"), ignoring target -100, with a cheaper backward:
+    the gradient is softmax - onehot, made in place from the saved log-probabilities, with no (M, V)
+    zero-filled gradient to scatter into. Measured, 2 cores, batch 32 (M, V = 608, 16384): tiny's
+    training step 307 -> 235 ms, mini's ~3 % faster. The graph can be backpropagated once only."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        logp, used, t = logits.log_softmax(-1), target != -100, target.clamp(min=0)  # (M, V), (M,), (M,)
+        ctx.save_for_backward(logp, used, t)
+        return -(logp.gather(1, t[:, None])[:, 0] * used).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        logp, used, t = ctx.saved_tensors
+        d = logp.exp_()  # (M, V) softmax, in place
+        d[torch.arange(len(d), device=d.device), t] -= 1  # minus the one-hot target
+        return d.mul_((used * grad)[:, None]), None
+
+
 def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
     """The paper's objective, MLM + NSP cross-entropy, as sums over the whole batch's counts (n_mlm
     masked tokens, n_seq sequences), so that micro-batches and GPUs add up to the batch's means.
@@ -410,7 +430,7 @@ def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
     no data-dependent shape: with --compile, this and its backward are one graph."""
     with autocast(ids.device):
         mlm_logits, nsp_logits = model(ids, seg, pos)  # (B, P, V), (B, 2)
-    mlm = F.cross_entropy(mlm_logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / n_mlm
+    mlm = CrossEntropySum.apply(mlm_logits.flatten(0, 1).float(), labels.flatten()) / n_mlm
     nsp_loss = F.cross_entropy(nsp_logits.float(), nsp, reduction="sum") / n_seq
     mlm_acc = (mlm_logits.argmax(-1) == labels).sum() / n_mlm  # an unused slot's label, -100, never matches
     nsp_acc = (nsp_logits.argmax(-1) == nsp).sum() / n_seq

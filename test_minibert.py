@@ -825,3 +825,14 @@ def test_cpu_dropout_masks_and_explicit_attention(monkeypatch):
     monkeypatch.setattr(mb, "dropout", lambda x, p, training: x)
     out = model.train()(ids, seg, pos)  # training mode on the CPU: the explicit path, here without dropout
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref, out))
+
+
+def test_cross_entropy_sum_matches_torch():
+    torch.manual_seed(0)
+    logits, target = torch.randn(11, 99, requires_grad=True), torch.randint(0, 99, (11,))
+    target[[2, 7]] = -100  # ignored, as unused prediction slots are
+    ref = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    (g_ref,) = torch.autograd.grad(3 * ref, logits)
+    ours = mb.CrossEntropySum.apply(logits, target)
+    (g,) = torch.autograd.grad(3 * ours, logits)
+    assert torch.allclose(ours, ref, atol=1e-5) and torch.allclose(g, g_ref, atol=1e-6)
