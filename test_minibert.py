@@ -429,7 +429,7 @@ def test_collapse_warning():
 
 def test_collapse_is_detected_in_a_provoked_run(tmp_path, capsys):
     """A tiny model on a small text sits on the plateau (one token predicted nearly everywhere, flat
-    accuracy): no warning. Resumed at a learning rate 100 times too high, it is wrecked: a warning."""
+    accuracy): no warning. Resumed at a learning rate 300 times too high, it is wrecked: a warning."""
     rng, lines = random.Random(0), []
     for d in range(40):
         lines += [f" = Doc {d} = ", " ".join(f"{w.capitalize()} {v} {o} ." for w, v, o in (rng.choice(RULES) for _ in range(8)))]
@@ -437,7 +437,7 @@ def test_collapse_is_detected_in_a_provoked_run(tmp_path, capsys):
     tok = mb.train_tokenizer((s for d in docs for s in d), 120)
     corpus = mb.encode_corpus(tok, docs)
     cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), max_len=24, batch_size=16, max_steps=60,
-                              lr=1e-2, log_every=1000, out=str(tmp_path))
+                              lr=3e-3, log_every=1000, out=str(tmp_path))  # 1e-2 diverged on another CPU
     train_docs, val = range(30), mb.make_pairs(corpus, range(30, 40), 24, 1)
     mb.train(cfg, tok, corpus, train_docs, val)
     assert "warning" not in capsys.readouterr().err
