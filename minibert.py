@@ -37,7 +37,7 @@ import signal
 import sys
 import time
 from array import array
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -105,10 +105,9 @@ PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 
 
 def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
-    """BERT's uncased WordPiece: lower-case and strip accents, split on spaces and punctuation. Learnt
-    from at most 200k sentences (~5M words), a random sample: on WikiText-2 x 10, 6.5 s instead of 24 s,
-    with 96 % of the vocabulary the same. (The trainer breaks ties in hash-map order, so two runs on
-    the same text may differ by a few entries; a checkpoint keeps its tokenizer.)"""
+    """BERT's uncased WordPiece: lower-case and strip accents, split on spaces and punctuation. Learnt from
+    a sample of 200k sentences (~5M words) at most: on WikiText-2 x 10, 6.5 s instead of 24 s, 96 % of the
+    vocabulary the same. (Ties break in hash-map order, so two runs may differ by a few entries.)"""
     sentences = list(sentences)
     if len(sentences) > max_sentences:
         sentences = random.Random(0).sample(sentences, max_sentences)
@@ -148,12 +147,10 @@ def encode_corpus(tok, docs):
     encoded = tok.encode_batch_fast(words, add_special_tokens=False)
     cache = {w: array("i", e.ids).tobytes() for w, e in zip(words, encoded)}  # word -> its ids as int32 bytes
     parts = []  # each sentence's ids as int32 bytes
-    for i, s in enumerate(texts):
+    for s in texts:
         odd = ODD_SPACE.search(s)
         parts.append(array("i", tok.encode(s, add_special_tokens=False).ids).tobytes() if odd else
                      b"".join(map(cache.__getitem__, s.split())))
-        if len(texts) > 500_000 and i % (len(texts) // 10) == 0:  # a progress line per 10 % of a large corpus
-            print(f"tokenizing: {i:,} of {len(texts):,} sentences", file=sys.stderr)
     lens = torch.tensor([len(b) // 4 for b in parts], dtype=torch.int64)  # (sentences,)
     doc_of = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d) for d in docs], dtype=torch.int64))
     sents = F.pad(lens[lens > 0].cumsum(0), (1, 0))  # (S + 1,)
@@ -221,10 +218,9 @@ def truncate_pair(a0, a1, b0, b1, max_tokens, rng):
 
 
 def epoch_pairs(corpus, docs, cfg, epoch, n, made=None):
-    """New pairs (new A/B cuts, new NotNext partners) in a new order every epoch, as the paper's code
-    makes 10 differently paired copies of the data: with fixed pairs, a small corpus lets NSP memorise
-    them. A function of (seed, epoch) alone, so a resumed run sees the same; cut or topped up to n.
-    made: the epoch's pairs, if make_pairs built them already."""
+    """New pairs (new A/B cuts, new NotNext partners) in a new order every epoch, as the paper's code makes
+    10 differently paired copies of the data: with fixed pairs, NSP memorises a small corpus. A function of
+    (seed, epoch) alone, so a resumed run sees the same; n of them. made: the epoch's pairs, if built."""
     pairs = make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob) if made is None else made
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
     return pairs[order.repeat(1 + n // len(pairs))[:n]]  # (n, 5)
@@ -370,11 +366,10 @@ class BERT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, ids, seg, pos=None):
-        """ids, seg (B, T) -> MLM logits (B, T, V) and NSP logits (B, 2). With pos (B, P): MLM logits at
-        those positions only, (B, P, V). Training reads the last layer at [CLS] and the ~15 % masked
-        positions alone, so the last layer and the V-wide decoder run there alone, with the same losses
-        and gradients (tested). Measured on the CPU (mini, batch 32), in an earlier version of this file:
-        the training step went from 2.14x to 2.62x the speed of Hugging Face's BertForPreTraining."""
+        """ids, seg (B, T) -> MLM logits (B, T, V) and NSP logits (B, 2); with pos (B, P), MLM logits there
+        only, (B, P, V). The losses read the last layer at [CLS] and the masked positions alone, so the last
+        layer and the V-wide decoder run there alone: the same losses and gradients (tested). Measured (CPU, mini,
+        batch 32, an earlier version of this file): the step went from 2.14x to 2.62x Hugging Face's speed."""
         mask = (ids != PAD)[:, None, None, :]  # (B, 1, 1, T) the keys a query may attend to
         idx = None if pos is None else F.pad(pos, (1, 0))  # (B, 1 + P) [CLS] (position 0), then pos
         x = self.emb(ids, seg)  # (B, T, H)
@@ -405,10 +400,9 @@ def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls a
 
 
 class CrossEntropySum(torch.autograd.Function):
-    """F.cross_entropy(logits, target, reduction="sum"), ignoring target -100, with a cheaper backward:
-    the gradient is softmax - onehot, made in place from the saved log-probabilities, with no (M, V)
-    zero-filled gradient to scatter into. Measured, 2 cores, batch 32 (M, V = 608, 16384): tiny's
-    training step 307 -> 235 ms, mini's ~3 % faster. The graph can be backpropagated once only."""
+    """F.cross_entropy(logits, target, reduction="sum"), ignoring target -100, with a cheaper backward: the
+    gradient softmax - onehot made in place from the saved log-probabilities, no (M, V) zero-filled gradient
+    to scatter into. Measured, 2 cores, batch 32 (M, V = 608, 16384): tiny's step 307 -> 235 ms, mini's 3 %."""
 
     @staticmethod
     def forward(ctx, logits, target):
@@ -425,10 +419,9 @@ class CrossEntropySum(torch.autograd.Function):
 
 
 def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
-    """The paper's objective, MLM + NSP cross-entropy, as sums over the whole batch's counts (n_mlm
-    masked tokens, n_seq sequences), so that micro-batches and GPUs add up to the batch's means.
-    -> the loss, and (loss, MLM loss, NSP loss, MLM accuracy, NSP accuracy) detached. No host sync and
-    no data-dependent shape: with --compile, this and its backward are one graph."""
+    """The paper's objective, MLM + NSP cross-entropy, as sums over the whole batch's counts (n_mlm masked
+    tokens, n_seq sequences), so that micro-batches and GPUs add up to the batch's means. -> the loss, and
+    (loss, MLM, NSP, MLM acc, NSP acc) detached. No host sync, no data-dependent shape: it compiles whole."""
     with autocast(ids.device):
         mlm_logits, nsp_logits = model(ids, seg, pos)  # (B, P, V), (B, 2)
     mlm = CrossEntropySum.apply(mlm_logits.flatten(0, 1).float(), labels.flatten()) / n_mlm
@@ -439,9 +432,8 @@ def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
 
 
 def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
-    """One optimizer step on a batch of B sequences (the same batch on every rank): this rank's share
-    in grad_accum micro-batches, clipping, AdamW. -> the stats of pretraining_loss and 1.0 if the step
-    was skipped, else 0.0; both stay on the device, so that the GPU never waits for the CPU."""
+    """One optimizer step on a batch (the same on every rank): this rank's share in grad_accum micro-batches,
+    clip, AdamW. -> pretraining_loss's stats, and 1.0 if the step was skipped; both stay on the device."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     B, n_mlm = len(batch[0]), (batch[3] != -100).sum()  # batch = (ids, seg, pos, labels, nsp), as loss_fn takes
@@ -453,9 +445,8 @@ def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
             (loss * world).backward()  # DDP averages the ranks' gradients; the batch's loss is their sum
         stats = stats + s
     norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    # A non-finite loss gives a non-finite gradient norm; then the fused AdamW (only the fused one)
-    # skips the update on the device, weights and moments alike: it reads found_inf, as GradScaler
-    # sets it. So the guard costs no host sync.
+    # A non-finite loss gives a non-finite norm; then fused AdamW skips the update, weights and moments
+    # alike, on the device: it reads found_inf, as GradScaler sets it. So the guard costs no host sync.
     optimizer.found_inf = (~norm.isfinite()).float()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -502,11 +493,9 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     torch.manual_seed(cfg.seed + rank)  # dropout: not the same on every rank
     tokens = corpus.ids.to(device)  # the whole tokenized corpus: batches are gathered on the GPU
     pairs0 = make_pairs(corpus, train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob)  # epoch 0's
-    N = len(pairs0)  # pairs per epoch
+    N, steps_per_epoch = len(pairs0), math.ceil(len(pairs0) / B)  # pairs per epoch
     if N == 0:
         sys.exit(f"minibert: error: {TOO_LITTLE}")
-    assert B % (world * cfg.grad_accum) == 0, "batch_size must be a multiple of processes x grad_accum"
-    steps_per_epoch = math.ceil(N / B)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     step, history, saved = 0, [], None
     if resume is not None:
@@ -522,19 +511,20 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     os.makedirs(cfg.out, exist_ok=True)
     say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per "
         f"epoch, {steps_per_epoch} steps per epoch of {B} sequences, {total} steps")
-    sums = torch.zeros(5, device=device)  # the step's stats, summed over a log interval, on the device
+    sums = torch.zeros(5, device=device)  # the steps' stats, summed over a log interval, on the device
     skipped, in_a_row, worst = (torch.zeros((), device=device) for _ in range(3))  # non-finite steps
     first, pairs, n_steps, t_data, t0 = step, None, 0, 0.0, time.time()
     with stop_request() as stopped:
         while step < total:
-            epoch, i = divmod(step, steps_per_epoch)
-            t = time.time()
-            if i == 0 or pairs is None:  # the epoch's pairs, on the device
+            # the batch: B of this epoch's pairs, as token ids, then masked; all on the device
+            t, (epoch, i) = time.time(), divmod(step, steps_per_epoch)
+            if i == 0 or pairs is None:  # new pairs each epoch (epoch 0's were made above)
                 made = pairs0 if epoch == 0 else None
                 pairs = epoch_pairs(corpus, train_docs, cfg, epoch, steps_per_epoch * B, made).to(device)
             x, seg, nsp = collate(tokens, pairs[i * B : (i + 1) * B], T)  # (B, T), (B, T), (B,)
             x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)  # (B, T), (B, P), (B, P)
             t_data += time.time() - t
+            # the step: learning rate, forward, backward, clip, AdamW (train_step)
             lr = lr_at(step, total, cfg)
             stats, bad = train_step(model, optimizer, loss_fn, (x, seg, pos, labels, nsp), lr, cfg, rank, world)
             step, n_steps = step + 1, n_steps + 1
@@ -544,14 +534,15 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             if cfg.compile and step == first + 1:
                 say(f"compile: {time.time() - t0:.1f} s (the first step)")
             last_step, epoch_end, log_now = step == total, step % steps_per_epoch == 0, step % cfg.log_every == 0
-            stop = stopped[0] or (stop_at is not None and step >= stop_at)
+            stop = stopped[0] or step == stop_at
             if world > 1:  # the ranks must stop at the same step: they agree at log steps
                 flag = torch.tensor(float(stop and log_now), device=device)
                 if log_now:
                     dist.all_reduce(flag, dist.ReduceOp.MAX)
                 stop = bool(flag)
             save = epoch_end or last_step or step % cfg.save_every == 0 or stop
-            if (log_now or save) and worst >= 3:  # the device's counters are read once per interval
+            # log: the device's counters are read here, once per interval
+            if (log_now or save) and worst >= 3:
                 where = f"the last checkpoint (step {saved}) is in {cfg.out}/" if saved else "no checkpoint was written"
                 sys.exit(f"minibert: error: {int(worst)} non-finite losses in a row at step {step} (those steps "
                          f"changed nothing); lower --lr; {where}")
@@ -561,12 +552,14 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
                 if skipped > 0:
                     say(f"warning: {int(skipped)} step(s) skipped, non-finite loss", file=sys.stderr)
                 dt, m = time.time() - t0, (sums / max(1, n_steps - int(skipped))).tolist()
+                rec = dict(step=step, loss=m[0], mlm_loss=m[1], nsp_loss=m[2], mlm_acc=m[3], nsp_acc=m[4], lr=lr,
+                           tok_per_s=n_steps * B * T / dt, data_share=t_data / dt)
                 say(f"step {step}/{total} | loss {m[0]:.4f} | mlm {m[1]:.4f} | nsp {m[2]:.4f} | mlm_acc {m[3]:.3f} | "
-                    f"nsp_acc {m[4]:.3f} | lr {lr:.2e} | {n_steps * B * T / dt:,.0f} tok/s | "
-                    f"data {100 * t_data / dt:.1f}%")
-                log(cfg.out, rank, dict(step=step, loss=m[0], mlm_loss=m[1], nsp_loss=m[2], mlm_acc=m[3], nsp_acc=m[4],
-                                        lr=lr, tok_per_s=n_steps * B * T / dt, data_share=t_data / dt))
+                    f"nsp_acc {m[4]:.3f} | lr {lr:.2e} | {rec['tok_per_s']:,.0f} tok/s | data {100 * t_data / dt:.1f}%")
+                if rank == 0:
+                    log(cfg.out, rec)
                 sums, skipped, n_steps, t_data, t0 = sums.zero_(), skipped.zero_(), 0, 0.0, time.time()
+            # evaluate at each epoch's end, and checkpoint; neither counts against tokens/s
             t_pause = time.time()
             if (epoch_end or last_step) and val_pairs is not None and rank == 0:
                 m = evaluate(raw, tokens, val_pairs.to(device), cfg)
@@ -576,7 +569,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
                 if warning := health_warning(history, m):
                     say(f"warning: {warning}", file=sys.stderr)
                 history.append(m)
-                log(cfg.out, rank, {"eval": step, **m})
+                log(cfg.out, {"eval": step, **m})
             if save and rank == 0:  # everything demo and --resume need, the tokenizer too
                 rng = {"torch": torch.get_rng_state(), "mask": gen.get_state(),
                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
@@ -584,7 +577,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
                     "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
                     "tokenizer": tok.to_str(), "step": step, "n_train_pairs": N, "history": history, "rng": rng})
                 saved = step
-            t0 += time.time() - t_pause  # evaluation and saving don't count against tokens/s
+            t0 += time.time() - t_pause
             if stop and not last_step:
                 say(f"stopped at step {step}; checkpoint saved in {cfg.out}/, continue with --resume", file=sys.stderr)
                 sys.exit(130)
@@ -680,13 +673,12 @@ def stop_request():
             signal.signal(sig, handler)
 
 
-def log(folder, rank, record):  # metrics.jsonl: one JSON object per log line and per evaluation
-    if rank == 0:
-        with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+def log(folder, record):  # metrics.jsonl: one JSON object per log line and per evaluation
+    with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
-# ---------------------------------------------------- reading text (WikiText, Cornell, the hub), the cache, checkpoints
+# ----------------------------------------------------------------------------- reading text, the corpus cache
 
 
 def die(msg):
@@ -723,7 +715,8 @@ def read_cornell(folder):
     """Cornell Movie-Dialogs: each conversation is a document, each utterance a sentence."""
     def fields(name):
         if not os.path.isfile(os.path.join(folder, name)):
-            die(f"--data {folder} has no {name}: the Cornell corpus is movie_lines.txt and movie_conversations.txt")
+            die(f"--data {folder} is a folder without {name}; pass a text file, or the Cornell Movie-Dialogs folder "
+                "(movie_lines.txt, movie_conversations.txt)")
         with open(os.path.join(folder, name), encoding="iso-8859-1") as f:
             return [line.rstrip("\n").split(" +++$+++ ") for line in f]
     lines = {r[0]: r[4].strip() for r in fields("movie_lines.txt") if len(r) == 5}
@@ -731,40 +724,34 @@ def read_cornell(folder):
     return [d for d in ([lines[i] for i in ids if lines.get(i)] for ids in convs) if d]
 
 
-def read_lines(path):
-    """A UTF-8 text file (.gz: compressed), or a Parquet file's "text" column, as the hub stores WikiText."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        table = pq.read_table(path)
-        if "text" not in table.column_names:
-            die(f"--data {path} has no 'text' column (it has: {', '.join(table.column_names)})")
-        return table.column("text").to_pylist()
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        return f.read().splitlines()
-
-
 def read_corpus(paths):
-    """--data FILE [FILE ...] -> documents. A folder must be the Cornell corpus."""
+    """--data FILE [FILE ...] -> documents. A file: UTF-8 text in WikiText layout (.gz: compressed) or a
+    Parquet file's "text" column (as the hub stores WikiText); a folder: the Cornell Movie-Dialogs."""
     docs = []
     for path in paths:
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "movie_lines.txt")):
-            die(f"--data {path} is a folder; pass a text file (or the Cornell Movie-Dialogs folder)")
         try:
-            docs += read_cornell(path) if os.path.isdir(path) else parse_wikitext(read_lines(path))
+            if os.path.isdir(path):
+                docs += read_cornell(path)
+            elif path.endswith(".parquet"):
+                import pyarrow.parquet as pq
+                docs += parse_wikitext(pq.read_table(path, columns=["text"]).column("text").to_pylist())
+            else:
+                with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+                    docs += parse_wikitext(f.read().splitlines())
         except FileNotFoundError:
             die(f"--data {path} does not exist; pass a UTF-8 text file")
         except (UnicodeDecodeError, gzip.BadGzipFile):
             die(f"--data {path} is not UTF-8 text; convert it first: iconv -f latin1 -t utf-8 {path} > {path}.utf8.txt")
-        except Exception as e:  # unreadable, or a damaged Parquet file
-            die(f"cannot read --data {path} ({getattr(e, 'strerror', None) or type(e).__name__})")
+        except Exception as e:  # unreadable, a damaged Parquet file, or one without a "text" column
+            die(f"cannot read --data {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:100]})")
     if not docs:
         die(f"--data {' '.join(paths)} holds no text; pass a file with sentences in it")
     return docs
 
 
 def load_hub(cfg, splits=("train", "validation")):
-    """A Hugging Face hub dataset -> {split: documents}. WikiText is read as a --data file is; in other
-    datasets each row of the "text" column (or of the first text column) is a document."""
+    """A Hugging Face hub dataset -> {split: documents}: its "text" column, read as a --data file is
+    (WikiText's layout; in a dataset without title lines, each row is a document)."""
     try:
         import datasets
         import huggingface_hub
@@ -776,12 +763,11 @@ def load_hub(cfg, splits=("train", "validation")):
             "offline, pass --data FILE")
     out = {}
     for split in [s for s in splits if s in ds]:
-        cols = [c for c, f in ds[split].features.items() if getattr(f, "dtype", "") in ("string", "large_string")]
-        if not cols:
-            die(f"{cfg.dataset} has no text column; pass --data FILE")
-        rows = ds[split]["text" if "text" in cols else cols[0]]
-        titled = any(is_title(r.strip()) for r in rows[:1000])
-        out[split] = parse_wikitext(rows) if titled else [SENTENCE_END.split(r.strip()) for r in rows if r.strip()]
+        if "text" not in ds[split].column_names:
+            die(f"{cfg.dataset} has no 'text' column; pass --data FILE")
+        rows = ds[split]["text"]
+        out[split] = parse_wikitext(rows if any(is_title(r.strip()) for r in rows[:1000]) else
+                                    [line for r in rows for line in (r.replace("\n", " "), "")])
     return out
 
 
@@ -802,18 +788,16 @@ def cached_corpus(tok, docs, folder, save=True):
     path = os.path.join(folder, f"corpus-{h.hexdigest()[:16]}.pt")
     if os.path.exists(path):
         try:
-            c = Corpus(**{k: v for k, v in torch.load(path, weights_only=True).items() if k != "key"})
+            c = Corpus(**torch.load(path, weights_only=True))
             if len(c.docs) == len(docs) + 1 and c.docs[-1] == len(c.sents) - 1 and c.sents[-1] == len(c.ids):
                 return c, True
         except Exception:
             pass
         print(f"warning: {path} is damaged; tokenizing again", file=sys.stderr)
     corpus = encode_corpus(tok, docs)
-    try:
-        if save:  # (under torchrun, rank 0 alone writes it)
+    if save:  # (under torchrun, rank 0 alone writes it; a read-only folder gets no cache)
+        with suppress(OSError):
             save_checkpoint(path, corpus._asdict())
-    except OSError:  # a read-only folder: no cache
-        pass
     return corpus, False
 
 
@@ -852,18 +836,22 @@ def train_flops(cfg, B, T, P):
     return 3 * ((cfg.layers - 1) * B * T * layer + last + heads)
 
 
-def cpu_matmul_peak(n=1024, reps=20):
-    """The fp32 matmul FLOP/s this CPU reaches right now, at the thread count torch uses."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    """A GPU's dense bf16 peak; on the CPU, the fp32 matmul rate it reaches now (best of 20 1024^3 matmuls)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 989e12)
+        return peak, f"{name}, assumed bf16 dense peak {peak / 1e12:.0f} TFLOP/s"
+    a, times = torch.randn(1024, 1024), []
+    for _ in range(20):
+        t = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t)
+    peak = 2 * 1024**3 / min(times)
+    return peak, f"CPU, {torch.get_num_threads()} threads, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
 
 
 def bench(cfg, steps=20, warmup=5):
@@ -881,22 +869,16 @@ def bench(cfg, steps=20, warmup=5):
     inputs, pos, labels = mask_tokens(ids, V, gen, cfg.mask_prob)
     seg = (torch.arange(T, device=device) > T // 2).long().expand(B, T)
     batch = (inputs, seg, pos, labels, torch.randint(0, 2, (B,), generator=gen, device=device))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for n in (warmup, steps):
         t = time.perf_counter()
         for _ in range(n):
             train_step(model, optimizer, loss_fn, batch, cfg.lr, cfg)
-        sync()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     dt, flops = times[1] / steps, train_flops(cfg, B, T, pos.size(1))
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 989e12)
-        peak_note = f"{name}, assumed bf16 dense peak {peak / 1e12:.0f} TFLOP/s"
-    else:
-        peak = cpu_matmul_peak()
-        peak_note = f"CPU, {torch.get_num_threads()} threads, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+    peak, peak_note = peak_flops(device)
     return {"device": str(device), "peak_note": peak_note, "batch_size": B, "max_len": T, "ms_per_step": 1e3 * dt,
             "tokens_per_s": B * T / dt, "tflops_per_step": flops / 1e12, "mfu": flops / dt / peak, "warmup_s": times[0]}
 
@@ -944,21 +926,17 @@ def export_hf(folder, to):
               "attention_probs_dropout_prob": cfg.dropout, "max_position_embeddings": cfg.max_position,
               "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": PAD,
               "tie_word_embeddings": True}
-    special = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIALS))
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position, **special,
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position,
+                  **dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIALS)),
                   "do_lower_case": True, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
-    files = {"config.json": config, "tokenizer_config.json": tok_config, "special_tokens_map.json": special}
-    for name, obj in files.items():
+    for name, obj in (("config.json", config), ("tokenizer_config.json", tok_config)):
         with open(os.path.join(to, name), "w") as f:
             json.dump(obj, f, indent=2)
     tok.save(os.path.join(to, "tokenizer.json"))
     with open(os.path.join(to, "vocab.txt"), "w", encoding="utf-8") as f:  # for the slow BertTokenizer
         f.write("\n".join(tok.id_to_token(i) for i in range(tok.get_vocab_size())) + "\n")
-    try:
-        from safetensors.torch import save_file
-        save_file(hf_state_dict(state["model"], cfg), os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
-    except ImportError:
-        torch.save(hf_state_dict(state["model"], cfg), os.path.join(to, "pytorch_model.bin"))
+    from safetensors.torch import save_file
+    save_file(hf_state_dict(state["model"], cfg), os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
     print(f"exported {folder} to {to}/; load it with transformers.BertForPreTraining.from_pretrained({to!r})")
 
 
@@ -985,15 +963,11 @@ def add_config_flags(p):
                    "explicit flags (--layers, --lr, ...) win (default mini)")
 
 
-def build_config(args, base=None):
-    """Defaults (or base), then the preset, then each flag given on the command line."""
-    cfg = apply_preset(base or Config(), args.preset) if getattr(args, "preset", None) else base or Config()
-    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
-    given = {k: v for k, v in given.items() if v is not None}
-    return dataclasses.replace(cfg, **given), given
-
-
-def check_config(cfg, world=1):
+def build_config(args, base=None, world=1):
+    """Defaults (or base), then the preset, then each flag given; checked: a bad value is one line."""
+    cfg = apply_preset(base or Config(), args.preset) if args.preset else base or Config()
+    cfg = dataclasses.replace(cfg, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                                      if getattr(args, f.name) is not None})
     rules = [(("layers", "hidden", "heads", "ffn", "vocab_size", "max_position", "max_len", "batch_size", "grad_accum",
                "epochs", "lr", "log_every", "save_every"), lambda v: v > 0, "must be positive"),
              (("dropout", "short_seq_prob", "warmup", "val_share"), lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -1010,35 +984,34 @@ def check_config(cfg, world=1):
         die(f"--vocab_size must exceed the {len(SPECIALS)} special tokens")
     if cfg.batch_size % (world * cfg.grad_accum):
         die(f"--batch_size {cfg.batch_size} must be a multiple of {world} process(es) x --grad_accum {cfg.grad_accum}")
+    return dataclasses.replace(cfg, device=resolve_device(cfg.device))
 
 
 def resolve_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         die("--device cuda, but torch sees no CUDA GPU; use --device cpu (or install a CUDA build of torch)")
-    return name
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def cmd_train(args):
-    cfg, given = build_config(args)
-    resume = None
+    if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs
+        cuda = args.device != "cpu" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out, resume = args.out or Config.out, None
     if args.resume:
-        resume, tok, saved = load_checkpoint(cfg.out)
-        cfg, _ = build_config(args, base=saved)
+        resume, tok, saved = load_checkpoint(out)
+        cfg = build_config(args, saved, world)
         for name in ("layers", "hidden", "heads", "ffn", "vocab_size", "max_position"):  # the weights' shape
             if getattr(cfg, name) != getattr(saved, name):
-                die(f"--resume: the checkpoint in {cfg.out}/ has {name} {getattr(saved, name)}, not "
+                die(f"--resume: the checkpoint in {out}/ has {name} {getattr(saved, name)}, not "
                     f"{getattr(cfg, name)}; drop --{name} (or --preset)")
-    elif os.path.exists(os.path.join(cfg.out, "model.pt")):
-        die(f"{cfg.out}/ already holds a checkpoint; continue it with --resume, or pick a new folder with --out")
-    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
-    if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs
-        if cfg.device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    check_config(cfg, world)
+    elif os.path.exists(os.path.join(out, "model.pt")):
+        die(f"{out}/ already holds a checkpoint; continue it with --resume, or pick a new folder with --out")
+    else:
+        cfg = build_config(args, world=world)
     torch.backends.cuda.matmul.allow_tf32 = True  # on CUDA, for what autocast leaves in fp32
     t0 = time.time()
     if args.data:
@@ -1055,12 +1028,11 @@ def cmd_train(args):
         open(os.path.join(cfg.out, "metrics.jsonl"), "a").close()
     except OSError as e:
         die(f"cannot write to --out {cfg.out} ({e.strerror}); pick another folder with --out")
-    if resume is None:
-        tok = train_tokenizer((s for d in train_docs for s in d), cfg.vocab_size) if rank == 0 else None
-        if world > 1:  # its training is not deterministic: rank 0's goes to every rank
-            tok = [tok.to_str() if rank == 0 else None]
+    if resume is None:  # rank 0 trains the tokenizer (not deterministic) and sends it to every rank
+        tok = [train_tokenizer((s for d in train_docs for s in d), cfg.vocab_size).to_str() if rank == 0 else None]
+        if world > 1:
             dist.broadcast_object_list(tok, 0)
-            tok = Tokenizer.from_str(tok[0])
+        tok = Tokenizer.from_str(tok[0])
         cfg = dataclasses.replace(cfg, vocab_size=tok.get_vocab_size())
     t_tok = time.time() - t0
     corpus, cached = cached_corpus(tok, train_docs + val_docs, cfg.out, save=rank == 0)
@@ -1074,11 +1046,11 @@ def cmd_train(args):
 
 
 def cmd_demo(args):
-    args.text = re.sub(r"\[mask\]", "[MASK]", args.text, flags=re.IGNORECASE)  # [mask] is meant too
-    if "[MASK]" not in args.text:
+    text = re.sub(r"\[mask\]", "[MASK]", args.text, flags=re.IGNORECASE)  # [mask] is meant too
+    if "[MASK]" not in text:
         die('the text has no [MASK]; try: python minibert.py demo "the [MASK] sat on the mat ."')
     model, tok, cfg = load_model(args.ckpt, resolve_device(args.device))
-    guesses, windows = fill_mask(model, tok, args.text, cfg.max_len, args.top_k)
+    guesses, windows = fill_mask(model, tok, text, cfg.max_len, args.top_k)
     if windows > 1:
         print(f"note: the text is longer than the model's {cfg.max_len} tokens: it was read in {windows} windows, "
               "each around a [MASK]", file=sys.stderr)
@@ -1102,10 +1074,7 @@ def cmd_eval(args):
 
 
 def cmd_bench(args):
-    cfg, _ = build_config(args)
-    cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device))
-    check_config(cfg)
-    r = bench(cfg, args.steps)
+    r = bench(build_config(args), args.steps)
     print(json.dumps(r) if args.json else f"{r['device']}: {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} "
           f"tokens/s | MFU {100 * r['mfu']:.1f}% ({r['peak_note']}) | batch {r['batch_size']} x {r['max_len']} | "
           f"warm-up {r['warmup_s']:.1f} s")
@@ -1115,11 +1084,12 @@ def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once, also in a file
     p = Parser(prog="minibert.py", description="BERT pretraining from scratch, in one file.", allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", parser_class=Parser)
-    t = sub.add_parser("train", allow_abbrev=False, help="pretrain (a hub dataset, or --data FILE)")
-    b = sub.add_parser("bench", allow_abbrev=False, help="time the training step on synthetic batches")
-    d = sub.add_parser("demo", allow_abbrev=False, help="fill in the [MASK]s of a sentence")
-    e = sub.add_parser("eval", allow_abbrev=False, help="MLM loss/accuracy and NSP accuracy on a text")
-    x = sub.add_parser("export", allow_abbrev=False, help="write a Hugging Face transformers folder")
+    commands = {"train": (cmd_train, "pretrain (a hub dataset, or --data FILE)"),
+                "bench": (cmd_bench, "time the training step on synthetic batches"),
+                "demo": (cmd_demo, "fill in the [MASK]s of a sentence"),
+                "eval": (cmd_eval, "MLM loss/accuracy and NSP accuracy on a text"),
+                "export": (lambda a: export_hf(a.ckpt, a.to), "write a Hugging Face transformers folder")}
+    t, b, d, e, x = (sub.add_parser(name, allow_abbrev=False, help=h) for name, (_, h) in commands.items())
     for q in (t, b):
         add_config_flags(q)
     for q, default in ((t, "the hub dataset, --dataset"), (e, "the hub dataset's validation split")):
@@ -1143,10 +1113,8 @@ def main(argv=None):
     for name in ("top_k", "steps"):
         if getattr(args, name, 1) < 1:
             die(f"--{name} must be positive, not {getattr(args, name)}")
-    commands = {"train": cmd_train, "demo": cmd_demo, "eval": cmd_eval, "bench": cmd_bench,
-                "export": lambda a: export_hf(a.ckpt, a.to)}
     try:
-        commands[args.cmd](args)
+        commands[args.cmd][0](args)
     except KeyboardInterrupt:
         print("\nminibert: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -753,8 +753,8 @@ def test_interrupt_while_loading_data_exits_130(monkeypatch, capsys):
 BAD = {  # case -> what the one-line message must mention
     "no_mask": "no [MASK]", "empty_text": "no [MASK]", "no_ckpt": "train one first", "foreign_ckpt": "not a minibert checkpoint",
     "truncated_ckpt": "not a minibert checkpoint", "data_missing": "does not exist",
-    "data_empty": "holds no text", "data_folder": "is a folder", "data_latin1": "iconv -f latin1 -t utf-8",
-    "data_too_little": "too little text", "cornell_half": "has no movie_conversations.txt",
+    "data_empty": "holds no text", "data_folder": "is a folder without movie_lines.txt", "data_latin1": "iconv -f latin1 -t utf-8",
+    "data_too_little": "too little text", "cornell_half": "is a folder without movie_conversations.txt",
     "unknown_flag": "unrecognized arguments: --bogus", "bad_type": "invalid int value",
     "zero_batch": "--batch_size must be positive", "batch_not_multiple": "must be a multiple of",
     "negative_epochs": "--epochs must be positive", "zero_lr": "--lr must be positive",
