@@ -147,10 +147,12 @@ def encode_corpus(tok, docs):
     encoded = tok.encode_batch_fast(words, add_special_tokens=False)
     cache = {w: array("i", e.ids).tobytes() for w, e in zip(words, encoded)}  # word -> its ids as int32 bytes
     parts = []  # each sentence's ids as int32 bytes
-    for s in texts:
+    for i, s in enumerate(texts):
         odd = ODD_SPACE.search(s)
         parts.append(array("i", tok.encode(s, add_special_tokens=False).ids).tobytes() if odd else
                      b"".join(map(cache.__getitem__, s.split())))
+        if len(texts) > 500_000 and i % (len(texts) // 10) == 0:  # a progress line per 10 % of a large corpus
+            print(f"tokenizing: {i:,} of {len(texts):,} sentences", file=sys.stderr)
     lens = torch.tensor([len(b) // 4 for b in parts], dtype=torch.int64)  # (sentences,)
     doc_of = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d) for d in docs], dtype=torch.int64))
     sents = F.pad(lens[lens > 0].cumsum(0), (1, 0))  # (S + 1,)
@@ -453,30 +455,6 @@ def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
     return stats, optimizer.found_inf
 
 
-@torch.no_grad()
-def evaluate(model, tokens, pairs, cfg, batch_size=64):
-    """Held-out MLM loss and accuracy, NSP accuracy, and top_share: the share of the most frequent MLM
-    prediction (near 1: one token predicted everywhere). Masks from a fixed seed: the same every time."""
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(tokens.device).manual_seed(cfg.seed)
-    loss, hits, nsp_hits, counts = 0, 0, 0, torch.zeros(cfg.vocab_size, device=tokens.device)
-    for i in range(0, len(pairs), batch_size):
-        x, seg, nsp = collate(tokens, pairs[i : i + batch_size], cfg.max_len)
-        x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)
-        with autocast(tokens.device):
-            mlm_logits, nsp_logits = model(x, seg, pos)
-        logits, target = mlm_logits[labels != -100].float(), labels[labels != -100]  # (M, V), (M,)
-        loss += F.cross_entropy(logits, target, reduction="sum")
-        hits += (logits.argmax(-1) == target).sum()
-        counts += torch.bincount(logits.argmax(-1), minlength=cfg.vocab_size)
-        nsp_hits += (nsp_logits.argmax(-1) == nsp).sum()
-    model.train(was_training)
-    n = counts.sum()
-    return {"mlm_loss": float(loss / n), "mlm_acc": float(hits / n), "nsp_acc": float(nsp_hits) / len(pairs),
-            "top_share": float(counts.max() / n)}
-
-
 def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     """The loop, over the documents train_docs (indices) of a Corpus; val_pairs: held-out pairs, or None.
     resume: a checkpoint's state to go on from. stop_at: stop after that step, as Ctrl-C does (for tests).
@@ -607,9 +585,31 @@ def fill_mask(model, tok, text, max_len, top_k=5):
     return guesses, windows
 
 
-# ----------------------------------------------------------------------------- checkpoints, Ctrl-C, warnings
+# ----------------------------------------------------------------------------- evaluation, warnings
 
-TOO_LITTLE = "too little text to build a single sentence pair: give at least two documents of two sentences or more"
+
+@torch.no_grad()
+def evaluate(model, tokens, pairs, cfg, batch_size=64):
+    """Held-out MLM loss and accuracy, NSP accuracy, and top_share: the share of the most frequent MLM
+    prediction (near 1: one token predicted everywhere). Masks from a fixed seed: the same every time."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(tokens.device).manual_seed(cfg.seed)
+    loss, hits, nsp_hits, counts = 0, 0, 0, torch.zeros(cfg.vocab_size, device=tokens.device)
+    for i in range(0, len(pairs), batch_size):
+        x, seg, nsp = collate(tokens, pairs[i : i + batch_size], cfg.max_len)
+        x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)
+        with autocast(tokens.device):
+            mlm_logits, nsp_logits = model(x, seg, pos)
+        logits, target = mlm_logits[labels != -100].float(), labels[labels != -100]  # (M, V), (M,)
+        loss += F.cross_entropy(logits, target, reduction="sum")
+        hits += (logits.argmax(-1) == target).sum()
+        counts += torch.bincount(logits.argmax(-1), minlength=cfg.vocab_size)
+        nsp_hits += (nsp_logits.argmax(-1) == nsp).sum()
+    model.train(was_training)
+    n = counts.sum()
+    return {"mlm_loss": float(loss / n), "mlm_acc": float(hits / n), "nsp_acc": float(nsp_hits) / len(pairs),
+            "top_share": float(counts.max() / n)}
 
 
 def health_warning(history, m):
@@ -623,6 +623,11 @@ def health_warning(history, m):
         return (f"the held-out MLM loss rose to {m['mlm_loss']:.3f} from its best, {best_loss:.3f}: training "
                 "is diverging; start again with a lower --lr")
     return None
+
+
+# ----------------------------------------------------------------------------- checkpoints, Ctrl-C, the log
+
+TOO_LITTLE = "too little text to build a single sentence pair: give at least two documents of two sentences or more"
 
 
 def save_checkpoint(path, state):
