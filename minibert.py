@@ -51,7 +51,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 
 @dataclass
-class Config:
+class Config:  # each field's comment is also its flag's --help (add_config_flags)
     # model: --preset sets layers, hidden, heads, ffn and lr (the defaults are "mini")
     layers: int = 4  # Transformer encoder layers
     hidden: int = 256  # hidden size H, in features
@@ -78,7 +78,7 @@ class Config:
     grad_clip: float = 1.0  # maximum global gradient norm (0: no clipping)
     seed: int = 1337  # for pairs, data order, masks, dropout and initialisation
     log_every: int = 50  # optimizer steps between log lines
-    save_every: int = 1000  # optimizer steps between checkpoints (also at each epoch's end and at the end)
+    save_every: int = 1000  # optimizer steps between evaluations and checkpoints (also at each epoch's end and the end)
     device: str = "auto"  # auto, cuda or cpu
     compile: bool = False  # torch.compile the step: forward, both losses and backward as one graph
     out: str = "out"  # checkpoint folder
@@ -201,6 +201,9 @@ def make_pairs(corpus, docs, max_len, seed, short_seq_prob=0.1):
     return torch.tensor(pairs, dtype=torch.int64).view(-1, 5)
 
 
+TOO_LITTLE = "too little text to build a single sentence pair: give at least two documents of two sentences or more"
+
+
 def random_segment(S, D, docs, j, target, rng):
     """Consecutive sentences of a random document other than docs[j], at least target tokens if it can."""
     other = rng.randrange(len(docs) - 1)
@@ -232,7 +235,7 @@ def collate(tokens, pairs, T):
     """Pairs (B, 5) -> token ids and segment ids (B, T): [CLS] A [SEP] B [SEP] [PAD]..., gathered from
     the corpus' tokens (corpus.ids) by tensor operations on the pairs' device (a GPU makes its own batches)."""
     a0, la, b0, lb, nsp = (c[:, None] for c in pairs.unbind(1))  # (B, 1) each
-    t = torch.arange(T, device=pairs.device)  # (T,) position
+    t = torch.arange(T, device=pairs.device)  # (T,) position: 0 [CLS] | 1..la A | la+1 [SEP] | la+2..la+lb+1 B | [SEP]
     in_a, in_b = (t >= 1) & (t <= la), (t >= la + 2) & (t < la + lb + 2)  # (B, T)
     src = torch.where(in_a, a0 + t - 1, b0 + t - la - 2)  # (B, T) where each token is in the corpus
     src = src.clamp(0, len(tokens) - 1)  # (positions outside A and B point anywhere: they become specials)
@@ -272,16 +275,6 @@ def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
 # ----------------------------------------------------------------------------- model
 
 
-def dropout(x, p, training):
-    """F.dropout, with cheaper masks on the CPU, where torch draws one random number per element: here
-    each 64-bit draw gives four 15-bit ones (P(keep) = 1 - p to within 2^-15). Measured, 2 cores, mini,
-    batch 32, with attention's dropout done this way too: the training step 8 % faster."""
-    if not training or p == 0 or x.device.type != "cpu":
-        return F.dropout(x, p, training)
-    bits = torch.randint(0, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)[: x.numel()]
-    return torch.where((bits & 0x7FFF).view(x.shape) >= round(p * 32768), x / (1 - p), 0.0)
-
-
 class Embeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -313,12 +306,7 @@ class SelfAttention(nn.Module):
         Tq, hs = q.size(1), H // self.nh  # query positions, head size
         q = q.view(B, Tq, self.nh, hs).transpose(1, 2)  # (B, nh, Tq, hs)
         k, v = (t.view(B, T, self.nh, hs).transpose(1, 2) for t in (k, v))  # (B, nh, T, hs)
-        if self.training and self.p > 0 and x.device.type == "cpu":  # the same, with dropout's cheap CPU masks
-            att = (q @ k.transpose(-2, -1) / math.sqrt(hs)).masked_fill(~mask, float("-inf"))  # (B, nh, Tq, T)
-            y = dropout(att.softmax(-1), self.p, True) @ v  # (B, nh, Tq, hs)
-        else:
-            p = self.p if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, Tq, hs)
+        y = attention(q, k, v, mask, self.p if self.training else 0.0)  # (B, nh, Tq, hs)
         return self.proj(y.transpose(1, 2).reshape(B, Tq, H))  # (B, Tq, H)
 
 
@@ -382,6 +370,28 @@ class BERT(nn.Module):
         return self.decoder(self.mlm_ln(F.gelu(self.mlm_dense(h)))), nsp_logits  # (B, T or P, V)
 
 
+# Dropout on the CPU, made cheaper: torch draws one random number per element there, and that costs more than
+# the matmuls. Measured, 2 cores, mini, batch 32, 3 rounds: a training step takes ~930 ms with these two
+# functions, ~1070 ms with F.dropout and F.scaled_dot_product_attention alone (13 %). A GPU uses torch's own.
+
+
+def dropout(x, p, training):
+    """F.dropout; on the CPU each 64-bit random draw gives four 15-bit ones (P(keep) = 1 - p to within 2^-15)."""
+    if not training or p == 0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    bits = torch.randint(0, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)[: x.numel()]
+    return torch.where((bits & 0x7FFF).view(x.shape) >= round(p * 32768), x / (1 - p), 0.0)
+
+
+def attention(q, k, v, mask, p):
+    """softmax(q k^T / sqrt(hs)) v over the keys that mask allows, dropout p on the weights: torch's fused
+    kernel; on the CPU with dropout, the same written out, so that it uses the cheaper masks above."""
+    if p == 0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, Tq, hs)
+    att = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).masked_fill(~mask, float("-inf"))  # (B, nh, Tq, T)
+    return dropout(att.softmax(-1), p, True) @ v  # (B, nh, Tq, hs)
+
+
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, total, cfg):
@@ -394,6 +404,7 @@ def make_optimizer(model, cfg):
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weight matrices and embeddings
     other = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    # fused: one kernel for all the parameters, and it honours found_inf, which train_step's guard relies on
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=True)
 
 
@@ -473,19 +484,20 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     pairs0 = make_pairs(corpus, train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob)  # epoch 0's
     N, steps_per_epoch = len(pairs0), math.ceil(len(pairs0) / B)  # pairs per epoch
     if N == 0:
-        sys.exit(f"minibert: error: {TOO_LITTLE}")
+        die(TOO_LITTLE)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     step, history, saved = 0, [], None
     if resume is not None:
         if resume["n_train_pairs"] != N:
-            sys.exit(f"minibert: error: --resume: this data gives {N} training pairs, the checkpoint's run had "
-                     f"{resume['n_train_pairs']}; pass the same --data")
+            die(f"--resume: this data gives {N} training pairs, the checkpoint's run had {resume['n_train_pairs']}; "
+                "pass the same --data")
         restore(resume, raw, optimizer, gen, device)
         step, history, saved = resume["step"], resume["history"], resume["step"]
         if world > 1:  # rank 0's dropout state was saved: the others draw new masks (exact with --dropout 0)
             torch.manual_seed(cfg.seed + rank + 1000 * step)
     if step >= total:
-        return say(f"the run in {cfg.out}/ had finished its {total} steps; to go on, --resume with more --max_steps")
+        say(f"the run in {cfg.out}/ had finished its {total} steps; to go on, --resume with more --max_steps")
+        return raw
     os.makedirs(cfg.out, exist_ok=True)
     say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per "
         f"epoch, {steps_per_epoch} steps per epoch of {B} sequences, {total} steps")
@@ -518,12 +530,13 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
                 if log_now:
                     dist.all_reduce(flag, dist.ReduceOp.MAX)
                 stop = bool(flag)
-            save = epoch_end or last_step or step % cfg.save_every == 0 or stop
+            evaluate_now = epoch_end or last_step or step % cfg.save_every == 0
+            save = evaluate_now or stop
             # log: the device's counters are read here, once per interval
             if (log_now or save) and worst >= 3:
                 where = f"the last checkpoint (step {saved}) is in {cfg.out}/" if saved else "no checkpoint was written"
-                sys.exit(f"minibert: error: {int(worst)} non-finite losses in a row at step {step} (those steps "
-                         f"changed nothing); lower --lr; {where}")
+                die(f"{int(worst)} non-finite losses in a row at step {step} (those steps changed nothing); "
+                    f"lower --lr; {where}")
             if log_now or last_step:
                 if world > 1:
                     dist.all_reduce(sums)
@@ -539,21 +552,18 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
                 sums, skipped, n_steps, t_data, t0 = sums.zero_(), skipped.zero_(), 0, 0.0, time.time()
             # evaluate at each epoch's end, and checkpoint; neither counts against tokens/s
             t_pause = time.time()
-            if (epoch_end or last_step) and val_pairs is not None and rank == 0:
+            if evaluate_now and val_pairs is not None and rank == 0:
                 m = evaluate(raw, tokens, val_pairs.to(device), cfg)
-                say(f"eval ({'end' if last_step else f'epoch {step // steps_per_epoch}'}) step {step}: mlm_loss "
+                say(f"eval ({'end' if last_step else f'epoch {step / steps_per_epoch:.2f}'}) step {step}: mlm_loss "
                     f"{m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | "
                     f"top_share {m['top_share']:.2f}")
                 if warning := health_warning(history, m):
                     say(f"warning: {warning}", file=sys.stderr)
                 history.append(m)
                 log(cfg.out, {"eval": step, **m})
-            if save and rank == 0:  # everything demo and --resume need, the tokenizer too
-                rng = {"torch": torch.get_rng_state(), "mask": gen.get_state(),
-                       "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-                save_checkpoint(os.path.join(cfg.out, "model.pt"), {
-                    "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-                    "tokenizer": tok.to_str(), "step": step, "n_train_pairs": N, "history": history, "rng": rng})
+            if save and rank == 0:
+                state = checkpoint(raw, optimizer, gen, cfg, tok, step=step, n_train_pairs=N, history=history)
+                save_checkpoint(os.path.join(cfg.out, "model.pt"), state)
                 saved = step
             t0 += time.time() - t_pause
             if stop and not last_step:
@@ -627,9 +637,6 @@ def health_warning(history, m):
 
 # ----------------------------------------------------------------------------- checkpoints, Ctrl-C, the log
 
-TOO_LITTLE = "too little text to build a single sentence pair: give at least two documents of two sentences or more"
-
-
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, then rename it over the old one. A kill at any instant leaves
     the old checkpoint or the new one, never half of one; a write cut short removes its temporary file."""
@@ -646,6 +653,14 @@ def save_checkpoint(path, state):
         if KeyboardInterrupt in (type(e), type(e.__context__)):  # a second Ctrl-C, mid-write
             raise KeyboardInterrupt from None  # (not the zip writer's complaint about being cut short)
         raise
+
+
+def checkpoint(model, optimizer, gen, cfg, tok, **progress):
+    """Everything demo and --resume need: weights, optimizer moments, config, tokenizer, random generators."""
+    rng = {"torch": torch.get_rng_state(), "mask": gen.get_state(),
+           "cuda": torch.cuda.get_rng_state() if gen.device.type == "cuda" else None}
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+            "tokenizer": tok.to_str(), "rng": rng, **progress}
 
 
 def restore(state, model, optimizer, gen, device):
