@@ -554,9 +554,9 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             t_pause = time.time()
             if evaluate_now and val_pairs is not None and rank == 0:
                 m = evaluate(raw, tokens, val_pairs.to(device), cfg)
-                say(f"eval ({'end' if last_step else f'epoch {step / steps_per_epoch:.2f}'}) step {step}: mlm_loss "
-                    f"{m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | "
-                    f"top_share {m['top_share']:.2f}")
+                when = "end" if last_step else f"epoch {round(step / steps_per_epoch, 2):g}"
+                say(f"eval ({when}) step {step}: mlm_loss {m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | "
+                    f"nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
                 if warning := health_warning(history, m):
                     say(f"warning: {warning}", file=sys.stderr)
                 history.append(m)

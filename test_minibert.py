@@ -326,18 +326,21 @@ def test_lr_schedule_weight_decay_groups_and_presets():
 
 
 def test_sections_copy_paste_alone():
-    """The masking and model sections work with nothing but the imports and the config section above
-    them: copied into another file, they run."""
+    """The tokenizer, corpus and pairs, masking and model sections work with nothing but the imports and
+    the config section above them: copied into another file, they run, text to logits."""
     src = open(os.path.join(HERE, "minibert.py")).read()
     parts = re.split(r"^# -{20,} (.+)$", src, flags=re.M)  # [head, name, body, name, body, ...]
     sections = dict(zip(parts[1::2], parts[2::2]))
     ns = {}
-    exec(parts[0] + sections["config"] + sections["masking"] + sections["model"], ns)
+    exec(parts[0] + "".join(sections[k] for k in ("config", "tokenizer", "corpus and pairs", "masking", "model")), ns)
+    docs = mb.parse_wikitext(make_corpus().splitlines())
+    tok = ns["train_tokenizer"]((s for d in docs for s in d), 99)
+    corpus = ns["encode_corpus"](tok, docs)
+    x, seg, nsp = ns["collate"](corpus.ids, ns["make_pairs"](corpus, range(len(docs)), 24, seed=0)[:3], 24)
+    inputs, pos, labels = ns["mask_tokens"](x, 99, torch.Generator().manual_seed(0))
     cfg = ns["Config"](layers=1, hidden=32, heads=2, ffn=37, vocab_size=99, max_len=24)
-    ids = torch.randint(5, 99, (3, 24))
-    inputs, pos, labels = ns["mask_tokens"](ids, 99, torch.Generator().manual_seed(0))
-    mlm, nsp = ns["BERT"](cfg)(inputs, torch.zeros_like(ids), pos)
-    assert mlm.shape == (3, pos.size(1), 99) and nsp.shape == (3, 2)
+    mlm, nsp_logits = ns["BERT"](cfg)(inputs, seg, pos)
+    assert mlm.shape == (3, pos.size(1), 99) and nsp_logits.shape == (3, 2)
 
 
 # ---------------------------------------------------------------------------- checkpoints, resume, the cache
