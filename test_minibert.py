@@ -556,6 +556,7 @@ def cli(tmp_path_factory):
     (d / "empty.txt").write_text("")
     (d / "latin1.txt").write_bytes("caf\xe9 au lait . Encore .\n".encode("iso-8859-1"))
     (d / "one.txt").write_text("Just one sentence here .\n")
+    (d / "rand.gz").write_bytes(b"not gzip")
     (d / "other.txt").write_text(make_corpus(seed=1))
     bad = d / "bad"
     bad.mkdir()
@@ -574,6 +575,8 @@ def cli(tmp_path_factory):
         "demo_odd": ["demo", "caf\xe9  \U0001F600 [MASK][MASK]   " + "x" * 300 + " [MASK]", "--ckpt", ckpt, "--top_k", "3"],
         "demo_long": ["demo", "the [MASK] sat . " + "the cat sat . " * 40 + "the [MASK] sat .", "--ckpt", ckpt],
         "demo_top_k_huge": ["demo", "[MASK] is a city .", "--ckpt", ckpt, "--top_k", "50000"],
+        "demo_ckpt_file": ["demo", "the [MASK] sat .", "--ckpt", os.path.join(ckpt, "model.pt")],
+        "data_not_gzip": ["train", "--data", str(d / "rand.gz"), "--out", str(d / "o12")],
         "eval": ["eval", "--data", c, "--ckpt", ckpt, "--json"],
         "eval_again": ["eval", "--data", c, "--ckpt", ckpt, "--json"],
         "resume_finished": ["train", "--data", c, "--out", ckpt, "--resume"],
@@ -676,6 +679,11 @@ def test_cli_demo_top_k_beyond_the_vocabulary(cli):
     assert len(out.split()) == 2 + 2 * vocab  # every token, once
 
 
+def test_cli_ckpt_may_name_the_model_file(cli):
+    code, out, err = cli["demo_ckpt_file"]  # --ckpt DIR/model.pt, not DIR
+    assert code == 0 and out.startswith("[MASK] 1: "), err
+
+
 def test_cli_demo_single_and_lower_case_mask(cli):
     for case in ("demo_only_mask", "demo_lower_mask"):
         code, out, err = cli[case]
@@ -757,7 +765,7 @@ BAD = {  # case -> what the one-line message must mention
     "no_mask": "no [MASK]", "empty_text": "no [MASK]", "no_ckpt": "train one first", "foreign_ckpt": "not a minibert checkpoint",
     "truncated_ckpt": "not a minibert checkpoint", "data_missing": "does not exist",
     "data_empty": "holds no text", "data_folder": "is a folder without movie_lines.txt", "data_latin1": "iconv -f latin1 -t utf-8",
-    "data_too_little": "too little text", "cornell_half": "is a folder without movie_conversations.txt",
+    "data_too_little": "too little text", "data_not_gzip": "is not gzip-compressed", "cornell_half": "is a folder without movie_conversations.txt",
     "unknown_flag": "unrecognized arguments: --bogus", "bad_type": "invalid int value",
     "zero_batch": "--batch_size must be positive", "batch_not_multiple": "must be a multiple of",
     "negative_epochs": "--epochs must be positive", "zero_lr": "--lr must be positive",
