@@ -625,9 +625,11 @@ def evaluate(model, tokens, pairs, cfg, batch_size=64):
 
 
 def health_warning(history, m):
-    """A warning if evaluation m shows the run going wrong, else None. The plateau before the MLM
-    accuracy climbs (flat for epochs, "the" predicted a lot) is normal and does not warn."""
-    best_acc, best_loss = max([h["mlm_acc"] for h in history] or [0]), min([h["mlm_loss"] for h in history] or [1e9])
+    """A warning if evaluation m shows the run going wrong, else None. The plateau before the MLM accuracy
+    climbs (one token, "the" or ",", predicted almost everywhere, for epochs) is normal and does not warn;
+    a collapse is a return to one token after the model had left the plateau (top_share <= 0.9)."""
+    best_acc = max([h["mlm_acc"] for h in history if h["top_share"] <= 0.9] or [0])
+    best_loss = min([h["mlm_loss"] for h in history] or [1e9])
     if m["top_share"] > 0.9 and m["mlm_acc"] < 0.8 * best_acc:
         return (f"the model collapsed: it predicts one token at {m['top_share']:.0%} of the masked positions "
                 f"(MLM accuracy {m['mlm_acc']:.3f}, it had {best_acc:.3f}); start again with a lower --lr")

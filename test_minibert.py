@@ -424,6 +424,7 @@ def test_collapse_warning():
     ev = lambda loss, acc, top: {"mlm_loss": loss, "mlm_acc": acc, "nsp_acc": 0.5, "top_share": top}
     start = [ev(7.8, 0.06, 1.0)]  # epoch 1: "the" everywhere, but it never did better
     assert mb.health_warning(start, ev(7.0, 0.06, 0.97)) is None
+    assert mb.health_warning(start, ev(7.5, 0.04, 0.98)) is None  # on the plateau, "," in place of "the"
     plateau = start + [ev(6.6, 0.15, 0.45), ev(6.5, 0.16, 0.40)]
     assert mb.health_warning(plateau, ev(6.5, 0.155, 0.42)) is None
     assert "collapsed" in mb.health_warning(plateau, ev(6.9, 0.06, 0.99))
