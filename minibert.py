@@ -84,11 +84,10 @@ class Config:  # each field's comment is also its flag's --help (add_config_flag
     out: str = "out"  # checkpoint folder
 
 
-# After Turc et al. 2019, name: (layers, hidden, peak lr); heads = hidden / 64, ffn = 4 hidden. Wider
-# models need a lower rate. Measured on one H100 (WikiText-2): base collapses at 5e-4 after one epoch (it
-# predicts "the" everywhere) and trains at 1e-4, the paper's rate; mini trains at 5e-4. On 2 CPU cores,
-# tiny for 10 epochs of valid.txt: held-out MLM accuracy 0.088 / 0.101 / 0.114 at 5e-4 / 1e-3 / 2e-3.
-# small and medium are interpolated (log lr against log width), not yet measured.
+# After Turc et al. 2019, name: (layers, hidden, peak lr); heads = hidden / 64, ffn = 4 hidden. Wider models
+# need a lower rate. One H100, WikiText-2: base collapses at 5e-4 after one epoch ("the" everywhere) and trains
+# at 1e-4, the paper's rate; mini trains at 5e-4. 2 CPU cores, tiny, 10 epochs of valid.txt: held-out MLM
+# accuracy 0.088 / 0.101 / 0.114 at 5e-4 / 1e-3 / 2e-3. small, medium: interpolated (log lr vs log width).
 PRESETS = {"tiny": (2, 128, 2e-3), "mini": (4, 256, 5e-4), "small": (4, 512, 2e-4), "medium": (8, 512, 1.5e-4),
            "base": (12, 768, 1e-4)}
 
@@ -135,7 +134,8 @@ class Corpus(NamedTuple):
     docs: torch.Tensor  # (D + 1,) int64: document d is sentences docs[d] .. docs[d + 1] - 1
 
 
-ODD_SPACE = re.compile("[\x0b\x0c\x1c-\x1f\x85\u2028\u2029]")  # str.split() breaks there, BERT's normalizer doesn't
+# str.split() breaks words at these, BERT's tokenizer doesn't: a sentence with one is tokenized whole, not per word
+ODD_SPACE = re.compile("[\x0b\x0c\x1c-\x1f\x85\u2028\u2029]")
 
 
 def encode_corpus(tok, docs):
@@ -155,8 +155,8 @@ def encode_corpus(tok, docs):
             print(f"tokenizing: {i:,} of {len(texts):,} sentences", file=sys.stderr)
     lens = torch.tensor([len(b) // 4 for b in parts], dtype=torch.int64)  # (sentences,)
     doc_of = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d) for d in docs], dtype=torch.int64))
-    sents = F.pad(lens[lens > 0].cumsum(0), (1, 0))  # (S + 1,)
-    doc_starts = F.pad(torch.bincount(doc_of[lens > 0], minlength=len(docs)).cumsum(0), (1, 0))  # (D + 1,)
+    sents = F.pad(lens[lens > 0].cumsum(0), (1, 0))  # (S + 1,) offsets of the non-empty sentences
+    doc_starts = F.pad(torch.bincount(doc_of[lens > 0], minlength=len(docs)).cumsum(0), (1, 0))  # (D + 1,) by count
     return Corpus(torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.int32), sents, doc_starts)
 
 
@@ -225,7 +225,8 @@ def truncate_pair(a0, a1, b0, b1, max_tokens, rng):
 def epoch_pairs(corpus, docs, cfg, epoch, n, made=None):
     """New pairs (new A/B cuts, new NotNext partners) in a new order every epoch, as the paper's code makes
     10 differently paired copies of the data: with fixed pairs, NSP memorises a small corpus. A function of
-    (seed, epoch) alone, so a resumed run sees the same; n of them. made: the epoch's pairs, if built."""
+    (seed, epoch) alone, so a resumed run sees the same. -> (n, 5), shuffled, repeated or cut to n pairs
+    (steps per epoch x batch); made: this epoch's make_pairs output, if the caller built it already."""
     pairs = make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob) if made is None else made
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
     return pairs[order.repeat(1 + n // len(pairs))[:n]]  # (n, 5)
