@@ -553,7 +553,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
                 if rank == 0:
                     log(cfg.out, rec)
                 sums, skipped, n_steps, t_data, t0 = sums.zero_(), skipped.zero_(), 0, 0.0, time.time()
-            # evaluate at each epoch's end, and checkpoint; neither counts against tokens/s
+            # evaluate and checkpoint: each epoch's end, every save_every steps, the end; not counted in tokens/s
             t_pause = time.time()
             if evaluate_now and val_pairs is not None and rank == 0:
                 m = evaluate(raw, tokens, val_pairs.to(device), cfg)
