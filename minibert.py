@@ -201,9 +201,6 @@ def make_pairs(corpus, docs, max_len, seed, short_seq_prob=0.1):
     return torch.tensor(pairs, dtype=torch.int64).view(-1, 5)
 
 
-TOO_LITTLE = "too little text to build a single sentence pair: give at least two documents of two sentences or more"
-
-
 def random_segment(S, D, docs, j, target, rng):
     """Consecutive sentences of a random document other than docs[j], at least target tokens if it can."""
     other = rng.randrange(len(docs) - 1)
@@ -484,10 +481,8 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # masks: the same on every rank
     torch.manual_seed(cfg.seed + rank)  # dropout: not the same on every rank
     tokens = corpus.ids.to(device)  # the whole tokenized corpus: batches are gathered on the GPU
-    pairs0 = make_pairs(corpus, train_docs, cfg.max_len, cfg.seed, cfg.short_seq_prob)  # epoch 0's
+    pairs0 = pairs_or_die(corpus, train_docs, cfg, cfg.seed)  # epoch 0's
     N, steps_per_epoch = len(pairs0), math.ceil(len(pairs0) / B)  # pairs per epoch
-    if N == 0:
-        die(TOO_LITTLE)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     step, history, saved = 0, [], None
     if resume is not None:
@@ -808,6 +803,13 @@ def split_docs(docs, share, seed):
     return docs[n_val:], docs[:n_val]
 
 
+def pairs_or_die(corpus, docs, cfg, seed):
+    pairs = make_pairs(corpus, docs, cfg.max_len, seed, cfg.short_seq_prob)
+    if len(pairs) == 0:
+        die("too little text to build a single sentence pair: give at least two documents of two sentences or more")
+    return pairs
+
+
 def cached_corpus(tok, docs, folder, save=True):
     """encode_corpus, cached in folder/corpus-KEY.pt. KEY hashes the text and the tokenizer, so a cache of
     other text or of another tokenizer is never used; a damaged one is rebuilt. -> (Corpus, cached?)"""
@@ -1096,9 +1098,7 @@ def cmd_eval(args):
     if not docs:
         die(f"{cfg.dataset} has no validation split; pass --data FILE")
     corpus, _ = cached_corpus(tok, docs, args.ckpt)
-    pairs = make_pairs(corpus, range(len(docs)), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)
-    if len(pairs) == 0:
-        die(TOO_LITTLE)
+    pairs = pairs_or_die(corpus, range(len(docs)), cfg, cfg.seed + 1)
     m = {**evaluate(model, corpus.ids.to(device), pairs.to(device), cfg), "pairs": len(pairs)}
     print(json.dumps(m) if args.json else f"{len(pairs)} pairs | mlm_loss {m['mlm_loss']:.4f} | "
           f"mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
