@@ -610,9 +610,9 @@ def evaluate(model, tokens, pairs, cfg, batch_size=64):
         with autocast(tokens.device):
             mlm_logits, nsp_logits = model(x, seg, pos)
         logits, target = mlm_logits[labels != -100].float(), labels[labels != -100]  # (M, V), (M,)
-        loss += F.cross_entropy(logits, target, reduction="sum")
-        hits += (logits.argmax(-1) == target).sum()
-        counts += torch.bincount(logits.argmax(-1), minlength=cfg.vocab_size)
+        loss, pred = loss + F.cross_entropy(logits, target, reduction="sum"), logits.argmax(-1)  # (M,)
+        hits += (pred == target).sum()
+        counts += torch.bincount(pred, minlength=cfg.vocab_size)
         nsp_hits += (nsp_logits.argmax(-1) == nsp).sum()
     model.train(was_training)
     n = counts.sum()
