@@ -49,7 +49,6 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 # ----------------------------------------------------------------------------- config
 
-
 @dataclass
 class Config:  # each field's comment is also its flag's --help (add_config_flags)
     # model: --preset sets layers, hidden, heads, ffn and lr (the defaults are "mini")
@@ -83,7 +82,6 @@ class Config:  # each field's comment is also its flag's --help (add_config_flag
     compile: bool = False  # torch.compile the step: forward, both losses and backward as one graph
     out: str = "out"  # checkpoint folder
 
-
 # After Turc et al. 2019, name: (layers, hidden, peak lr); heads = hidden / 64, ffn = 4 hidden. One H100,
 # WikiText-2: base collapses at 5e-4 ("the" everywhere) and trains at 1e-4, the paper's rate; mini trains at 5e-4.
 # 2 CPU cores, held-out MLM: tiny, 10 epochs of valid.txt, accuracy 0.088 / 0.101 / 0.114 at 5e-4 / 1e-3 / 2e-3;
@@ -91,17 +89,14 @@ class Config:  # each field's comment is also its flag's --help (add_config_flag
 PRESETS = {"tiny": (2, 128, 2e-3), "mini": (4, 256, 5e-4), "small": (4, 512, 2e-4), "medium": (8, 512, 1.5e-4),
            "base": (12, 768, 1e-4)}
 
-
 def apply_preset(cfg, name):
     layers, hidden, lr = PRESETS[name]
     return dataclasses.replace(cfg, layers=layers, hidden=hidden, heads=hidden // 64, ffn=4 * hidden, lr=lr)
-
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # the tokenizer gives them the ids 0..4, in this order
 PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 
 # ----------------------------------------------------------------------------- tokenizer
-
 
 def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
     """BERT's uncased WordPiece: lower-case and strip accents, split on spaces and punctuation. Learnt from
@@ -122,7 +117,6 @@ def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
     )
     return tok
 
-
 # ----------------------------------------------------------------------------- corpus and pairs
 # Text is documents (a list of lists of sentences: parse_wikitext, read_corpus, after the demo). Tokenized,
 # it is three flat arrays (Corpus): 21M words take ~100 MB, not ~3 GB. WikiText-2's train split (600
@@ -133,10 +127,8 @@ class Corpus(NamedTuple):
     sents: torch.Tensor  # (S + 1,) int64: sentence s is ids[sents[s] : sents[s + 1]]
     docs: torch.Tensor  # (D + 1,) int64: document d is sentences docs[d] .. docs[d + 1] - 1
 
-
 # str.split() breaks words at these, BERT's tokenizer doesn't: a sentence with one is tokenized whole, not per word
 ODD_SPACE = re.compile("[\x0b\x0c\x1c-\x1f\x85\u2028\u2029]")
-
 
 def encode_corpus(tok, docs):
     """Documents of text -> Corpus; empty sentences are dropped (a document may end up empty, and keeps
@@ -158,7 +150,6 @@ def encode_corpus(tok, docs):
     sents = F.pad(lens[lens > 0].cumsum(0), (1, 0))  # (S + 1,) offsets of the non-empty sentences
     doc_starts = F.pad(torch.bincount(doc_of[lens > 0], minlength=len(docs)).cumsum(0), (1, 0))  # (D + 1,) by count
     return Corpus(torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.int32), sents, doc_starts)
-
 
 def make_pairs(corpus, docs, max_len, seed, short_seq_prob=0.1):
     """(A, B, label) pairs from the documents `docs` (indices) of a corpus, as google-research/bert does.
@@ -200,14 +191,12 @@ def make_pairs(corpus, docs, max_len, seed, short_seq_prob=0.1):
             i += 1
     return torch.tensor(pairs, dtype=torch.int64).view(-1, 5)
 
-
 def random_segment(S, D, docs, j, target, rng):
     """Consecutive sentences of a random document other than docs[j], at least target tokens if it can."""
     other = rng.randrange(len(docs) - 1)
     d = docs[other + (other >= j)]  # skip docs[j] itself
     s = rng.randrange(D[d], D[d + 1])  # the first sentence
     return S[s], S[bisect.bisect_left(S, S[s] + target, s + 1, D[d + 1])]  # to the sentence that reaches target
-
 
 def truncate_pair(a0, a1, b0, b1, max_tokens, rng):
     """Trim the longer of A and B one token at a time, at a random end, until they fit."""
@@ -218,7 +207,6 @@ def truncate_pair(a0, a1, b0, b1, max_tokens, rng):
             b0, b1 = (b0 + 1, b1) if rng.random() < 0.5 else (b0, b1 - 1)
     return a0, a1, b0, b1
 
-
 def epoch_pairs(corpus, docs, cfg, epoch, n, made=None):
     """New pairs (new A/B cuts, new NotNext partners) in a new order every epoch, as the paper's code makes
     10 differently paired copies of the data: with fixed pairs, NSP memorises a small corpus. A function of
@@ -227,7 +215,6 @@ def epoch_pairs(corpus, docs, cfg, epoch, n, made=None):
     pairs = make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob) if made is None else made
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
     return pairs[order.repeat(1 + n // len(pairs))[:n]]  # (n, 5)
-
 
 def collate(tokens, pairs, T):
     """Pairs (B, 5) -> token ids and segment ids (B, T): [CLS] A [SEP] B [SEP] [PAD]..., gathered from
@@ -242,9 +229,7 @@ def collate(tokens, pairs, T):
     seg = ((t >= la + 2) & (t <= la + lb + 2)).long()  # (B, T) 0 for [CLS] A [SEP], 1 for B [SEP]
     return x, seg, nsp[:, 0]  # nsp (B,): 0 = IsNext, 1 = NotNext
 
-
 # ----------------------------------------------------------------------------- masking
-
 
 def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
     """BERT's MLM corruption for a whole batch, drawn fresh every call, on the batch's device.
@@ -269,72 +254,47 @@ def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
     new = torch.where(r < 0.8, MASK, torch.where(r < 0.9, random_ids, orig))
     return ids.scatter(1, pos, torch.where(used, new, orig)), pos, orig.masked_fill(~used, -100)
 
-
 # ----------------------------------------------------------------------------- model
 
+class Layer(nn.Module):
+    """One encoder layer: self-attention, then a feed-forward network; each sublayer's output is added to
+    its input, then normalised. Post-LayerNorm, as in the paper (pre-LN, as in GPT-2, trains more stably
+    at depth; post-LN is what BERT's weights expect)."""
 
-class Embeddings(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.pos = nn.Embedding(cfg.max_position, cfg.hidden)  # learned, not sinusoidal
-        self.seg = nn.Embedding(2, cfg.hidden)  # sentence A or B
-        self.ln = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.p = cfg.dropout
-
-    def forward(self, ids, seg):
-        T = ids.size(1)
-        x = self.tok(ids) + self.pos.weight[:T] + self.seg(seg)  # (B, T, H)
-        return dropout(self.ln(x), self.p, self.training)
-
-
-class SelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.nh, self.p = cfg.heads, cfg.dropout
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)  # query, key, value in one matmul
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
-
-    def forward(self, x, mask, idx=None):
-        """idx (B, Tq): the positions whose output is wanted (default: all); keys and values come from all."""
-        B, T, H = x.shape  # batch, sequence length, hidden size
-        q, k, v = self.qkv(x).split(H, dim=2)  # 3 x (B, T, H)
-        if idx is not None:
-            q = q.gather(1, idx[:, :, None].expand(-1, -1, H))  # (B, Tq, H)
-        Tq, hs = q.size(1), H // self.nh  # query positions, head size
-        q = q.view(B, Tq, self.nh, hs).transpose(1, 2)  # (B, nh, Tq, hs)
-        k, v = (t.view(B, T, self.nh, hs).transpose(1, 2) for t in (k, v))  # (B, nh, T, hs)
-        y = attention(q, k, v, mask, self.p if self.training else 0.0)  # (B, nh, Tq, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, Tq, H))  # (B, Tq, H)
-
-
-class Layer(nn.Module):
-    """Post-LayerNorm, as in the paper: each sublayer's output is added, then normalised. (Pre-LN,
-    as in GPT-2, trains more stably at depth; post-LN is what BERT's weights expect.)"""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.attn = SelfAttention(cfg)
         self.ln1 = nn.LayerNorm(cfg.hidden, eps=1e-12)
         self.fc1 = nn.Linear(cfg.hidden, cfg.ffn)
         self.fc2 = nn.Linear(cfg.ffn, cfg.hidden)
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.p = cfg.dropout
 
     def forward(self, x, mask, idx=None):
-        """idx (B, Tq): compute the output at these positions only (default: all)."""
-        a = self.attn(x, mask, idx)  # (B, Tq, H)
+        """x (B, T, H) -> (B, T, H); with idx (B, Tq), the output at those positions only, (B, Tq, H): their
+        queries attend to the keys and values of every position."""
+        B, T, H = x.shape  # batch, sequence length, hidden size
+        q, k, v = self.qkv(x).split(H, dim=2)  # 3 x (B, T, H)
         if idx is not None:
-            x = x.gather(1, idx[:, :, None].expand(-1, -1, x.size(2)))  # (B, Tq, H) the residual at those rows
+            idx = idx[:, :, None].expand(-1, -1, H)  # (B, Tq, H)
+            q, x = q.gather(1, idx), x.gather(1, idx)  # (B, Tq, H) the queries and the residual at those rows
+        Tq, hs = q.size(1), H // self.nh  # query positions, head size
+        q = q.view(B, Tq, self.nh, hs).transpose(1, 2)  # (B, nh, Tq, hs)
+        k, v = (t.view(B, T, self.nh, hs).transpose(1, 2) for t in (k, v))  # (B, nh, T, hs)
+        y = attention(q, k, v, mask, self.p if self.training else 0.0)  # (B, nh, Tq, hs)
+        a = self.proj(y.transpose(1, 2).reshape(B, Tq, H))  # (B, Tq, H)
         x = self.ln1(x + dropout(a, self.p, self.training))  # (B, Tq, H)
         h = self.fc2(F.gelu(self.fc1(x)))  # (B, Tq, H); exact erf GELU, as in the paper's code
         return self.ln2(x + dropout(h, self.p, self.training))  # (B, Tq, H)
 
-
 class BERT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.emb = Embeddings(cfg)
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden)  # the input is the sum of three embeddings: token,
+        self.pos = nn.Embedding(cfg.max_position, cfg.hidden)  # position (learned, not sinusoidal)
+        self.seg = nn.Embedding(2, cfg.hidden)  # and segment (sentence A or B)
+        self.emb_ln = nn.LayerNorm(cfg.hidden, eps=1e-12)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
         self.pool = nn.Linear(cfg.hidden, cfg.hidden)  # the tanh "pooler": [CLS] -> a sentence-pair vector
         self.nsp = nn.Linear(cfg.hidden, 2)  # IsNext / NotNext
@@ -344,7 +304,8 @@ class BERT(nn.Module):
         self.apply(self._init)
         # ... its weight *is* the input embedding (tied): a word's input vector and its output
         # vector are one, which saves V x H parameters and helps rare words learn from both ends
-        self.decoder.weight = self.emb.tok.weight
+        self.decoder.weight = self.tok.weight
+        self.p = cfg.dropout
 
     @staticmethod
     def _init(m):
@@ -360,18 +321,17 @@ class BERT(nn.Module):
         batch 32, an earlier version of this file): the step went from 2.14x to 2.62x Hugging Face's speed."""
         mask = (ids != PAD)[:, None, None, :]  # (B, 1, 1, T) the keys a query may attend to
         idx = None if pos is None else F.pad(pos, (1, 0))  # (B, 1 + P) [CLS] (position 0), then pos
-        x = self.emb(ids, seg)  # (B, T, H)
+        x = self.tok(ids) + self.pos.weight[: ids.size(1)] + self.seg(seg)  # (B, T, H)
+        x = dropout(self.emb_ln(x), self.p, self.training)  # (B, T, H)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, idx if i == len(self.layers) - 1 else None)  # (B, T or 1 + P, H)
         nsp_logits = self.nsp(torch.tanh(self.pool(x[:, 0])))  # (B, 2)
         h = x if pos is None else x[:, 1:]  # (B, T or P, H)
         return self.decoder(self.mlm_ln(F.gelu(self.mlm_dense(h)))), nsp_logits  # (B, T or P, V)
 
-
 # Dropout on the CPU, made cheaper: torch draws one random number per element there, and that costs more than
 # the matmuls. Measured, 2 cores, mini, batch 32, 3 rounds: a training step takes ~930 ms with these two
 # functions, ~1070 ms with F.dropout and F.scaled_dot_product_attention alone (13 %). A GPU uses torch's own.
-
 
 def dropout(x, p, training):
     """F.dropout; on the CPU each 64-bit random draw gives four 15-bit ones (P(keep) = 1 - p to within 2^-15)."""
@@ -379,7 +339,6 @@ def dropout(x, p, training):
         return F.dropout(x, p, training)
     bits = torch.randint(0, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)[: x.numel()]
     return torch.where((bits & 0x7FFF).view(x.shape) >= round(p * 32768), x / (1 - p), 0.0)
-
 
 def attention(q, k, v, mask, p):
     """softmax(q k^T / sqrt(hs)) v over the keys that mask allows, dropout p on the weights: torch's fused
@@ -389,14 +348,12 @@ def attention(q, k, v, mask, p):
     att = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).masked_fill(~mask, float("-inf"))  # (B, nh, Tq, T)
     return dropout(att.softmax(-1), p, True) @ v  # (B, nh, Tq, hs)
 
-
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, total, cfg):
     """Linear warm-up over the first `warmup` share of the steps, then linear decay to 0."""
     warm = max(1, int(cfg.warmup * total))
     return cfg.lr * min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
-
 
 def make_optimizer(model, cfg):
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weight matrices and embeddings
@@ -405,10 +362,8 @@ def make_optimizer(model, cfg):
     # fused: one kernel for all the parameters, and it honours found_inf, which train_step's guard relies on
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=True)
 
-
 def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls are far slower)
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
 
 class CrossEntropySum(torch.autograd.Function):
     """F.cross_entropy(logits, target, reduction="sum"), ignoring target -100, with a cheaper backward: the
@@ -428,7 +383,6 @@ class CrossEntropySum(torch.autograd.Function):
         d[torch.arange(len(d), device=d.device), t] -= 1  # minus the one-hot target
         return d.mul_((used * grad)[:, None]), None
 
-
 def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
     """The paper's objective, MLM + NSP cross-entropy, as sums over the whole batch's counts (n_mlm masked
     tokens, n_seq sequences), so that micro-batches and GPUs add up to the batch's means. -> the loss, and
@@ -442,7 +396,6 @@ def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
     mlm_acc = (mlm_logits.argmax(-1) == labels).sum() / n_mlm  # an unused slot's label, -100, never matches
     nsp_acc = (nsp_logits.argmax(-1) == nsp).sum() / n_seq
     return mlm + nsp_loss, torch.stack([mlm + nsp_loss, mlm, nsp_loss, mlm_acc, nsp_acc]).detach()
-
 
 def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
     """One optimizer step on a batch (the same on every rank): this rank's share in grad_accum micro-batches,
@@ -465,7 +418,6 @@ def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
     optimizer.zero_grad(set_to_none=True)
     return stats, optimizer.found_inf
 
-
 def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     """The loop, over the documents train_docs (indices) of a Corpus; val_pairs: held-out pairs, or None.
     resume: a checkpoint's state to go on from. stop_at: stop after that step, as Ctrl-C does (for tests).
@@ -485,11 +437,16 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     N, steps_per_epoch = len(pairs0), math.ceil(len(pairs0) / B)  # pairs per epoch
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     step, history, saved = 0, [], None
-    if resume is not None:
+    if resume is not None:  # weights, moments and random generators: as if the run had never stopped
         if resume["n_train_pairs"] != N:
             die(f"--resume: this data gives {N} training pairs, the checkpoint's run had {resume['n_train_pairs']}; "
                 "pass the same --data")
-        restore(resume, raw, optimizer, gen, device)
+        raw.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        gen.set_state(resume["rng"]["mask"])
+        if device.type == "cuda" and resume["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(resume["rng"]["cuda"])
         step, history, saved = resume["step"], resume["history"], resume["step"]
         if world > 1:  # rank 0's dropout state was saved: the others draw new masks (exact with --dropout 0)
             torch.manual_seed(cfg.seed + rank + 1000 * step)
@@ -521,17 +478,15 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             worst = torch.maximum(worst, in_a_row)
             if cfg.compile and step == first + 1:
                 say(f"compile: {time.time() - t0:.1f} s (the first step)")
-            last_step, epoch_end, log_now = step == total, step % steps_per_epoch == 0, step % cfg.log_every == 0
-            stop = stopped[0] or step == stop_at
+            last_step, log_now, stop = step == total, step % cfg.log_every == 0, stopped[0] or step == stop_at
             if world > 1:  # the ranks must stop at the same step: they agree at log steps
                 flag = torch.tensor(float(stop and log_now), device=device)
                 if log_now:
                     dist.all_reduce(flag, dist.ReduceOp.MAX)
                 stop = bool(flag)
-            evaluate_now = epoch_end or last_step or step % cfg.save_every == 0
-            save = evaluate_now or stop
+            evaluate_now = step % steps_per_epoch == 0 or step % cfg.save_every == 0 or last_step
             # log: the device's counters are read here, once per interval
-            if (log_now or save) and worst >= 3:
+            if (log_now or evaluate_now or stop) and worst >= 3:
                 where = f"the last checkpoint (step {saved}) is in {cfg.out}/" if saved else "no checkpoint was written"
                 die(f"{int(worst)} non-finite losses in a row at step {step} (those steps changed nothing); "
                     f"lower --lr; {where}")
@@ -559,9 +514,12 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
                     say(f"warning: {warning}", file=sys.stderr)
                 history.append(m)
                 log(cfg.out, {"eval": step, **m})
-            if save and rank == 0:
-                state = checkpoint(raw, optimizer, gen, cfg, tok, step=step, n_train_pairs=N, history=history)
-                save_checkpoint(os.path.join(cfg.out, "model.pt"), state)
+            if (evaluate_now or stop) and rank == 0:  # the checkpoint: all that demo and --resume need
+                rng = {"torch": torch.get_rng_state(), "mask": gen.get_state(),
+                       "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+                save_checkpoint(os.path.join(cfg.out, "model.pt"), {
+                    "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
+                    "tokenizer": tok.to_str(), "rng": rng, "step": step, "n_train_pairs": N, "history": history})
                 saved = step
             t0 += time.time() - t_pause
             if stop and not last_step:
@@ -570,9 +528,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     say(f"done: checkpoint in {cfg.out}/model.pt; try: python minibert.py demo \"the [MASK] sat .\" --ckpt {cfg.out}")
     return raw
 
-
 # ----------------------------------------------------------------------------- demo
-
 
 @torch.no_grad()
 def fill_mask(model, tok, text, max_len, top_k=5):
@@ -592,17 +548,14 @@ def fill_mask(model, tok, text, max_len, top_k=5):
         windows += 1
     return guesses, windows
 
-
-# ----------------------------------------------------------------------------- evaluation, warnings
-
+# ----------------------------------------------------------------------------- evaluation, checkpoints, Ctrl-C
 
 @torch.no_grad()
 def evaluate(model, tokens, pairs, cfg, batch_size=64):
     """Held-out MLM loss and accuracy, NSP accuracy, and top_share: the share of the most frequent MLM
     prediction (near 1: one token predicted everywhere). Masks from a fixed seed: the same every time."""
-    was_training = model.training
+    was_training, gen = model.training, torch.Generator(tokens.device).manual_seed(cfg.seed)
     model.eval()
-    gen = torch.Generator(tokens.device).manual_seed(cfg.seed)
     loss, hits, nsp_hits, counts = 0, 0, 0, torch.zeros(cfg.vocab_size, device=tokens.device)
     for i in range(0, len(pairs), batch_size):
         x, seg, nsp = collate(tokens, pairs[i : i + batch_size], cfg.max_len)
@@ -610,15 +563,14 @@ def evaluate(model, tokens, pairs, cfg, batch_size=64):
         with autocast(tokens.device):
             mlm_logits, nsp_logits = model(x, seg, pos)
         logits, target = mlm_logits[labels != -100].float(), labels[labels != -100]  # (M, V), (M,)
-        loss, pred = loss + F.cross_entropy(logits, target, reduction="sum"), logits.argmax(-1)  # (M,)
-        hits += (pred == target).sum()
+        pred = logits.argmax(-1)  # (M,)
+        loss, hits = loss + F.cross_entropy(logits, target, reduction="sum"), hits + (pred == target).sum()
         counts += torch.bincount(pred, minlength=cfg.vocab_size)
         nsp_hits += (nsp_logits.argmax(-1) == nsp).sum()
     model.train(was_training)
     n = counts.sum()
     return {"mlm_loss": float(loss / n), "mlm_acc": float(hits / n), "nsp_acc": float(nsp_hits) / len(pairs),
             "top_share": float(counts.max() / n)}
-
 
 def health_warning(history, m):
     """A warning if evaluation m shows the run going wrong, else None. The plateau before the MLM accuracy
@@ -634,54 +586,30 @@ def health_warning(history, m):
                 "is diverging; start again with a lower --lr")
     return None
 
-
-# ----------------------------------------------------------------------------- checkpoints, Ctrl-C, the log
-
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, then rename it over the old one. A kill at any instant leaves
     the old checkpoint or the new one, never half of one; a write cut short removes its temporary file."""
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open(path + ".tmp", "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(path + ".tmp", path)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with suppress(OSError):
+            os.remove(path + ".tmp")
         if KeyboardInterrupt in (type(e), type(e.__context__)):  # a second Ctrl-C, mid-write
             raise KeyboardInterrupt from None  # (not the zip writer's complaint about being cut short)
         raise
 
-
-def checkpoint(model, optimizer, gen, cfg, tok, **progress):
-    """Everything demo and --resume need: weights, optimizer moments, config, tokenizer, random generators."""
-    rng = {"torch": torch.get_rng_state(), "mask": gen.get_state(),
-           "cuda": torch.cuda.get_rng_state() if gen.device.type == "cuda" else None}
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-            "tokenizer": tok.to_str(), "rng": rng, **progress}
-
-
-def restore(state, model, optimizer, gen, device):
-    """A checkpoint's weights, optimizer moments and random generators (dropout, masks): the run goes on
-    exactly as if it had never stopped (the pairs and their order are functions of seed and epoch)."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    gen.set_state(state["rng"]["mask"])
-    if device.type == "cuda" and state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-
-
 @contextmanager
 def stop_request():
     """Ctrl-C or SIGTERM sets stop[0]; the loop saves and exits between steps, never mid-update (under
-    torchrun, at the next log step, so that every rank stops at the same one)."""
+    torchrun, at the next log step, so that every rank stops at the same one). A second Ctrl-C aborts."""
     stop = [False]
 
     def handle(sig, frame):
-        if stop[0]:  # a second Ctrl-C: give up at once
+        if stop[0]:
             raise KeyboardInterrupt
         stop[0] = True
         print("\nstopping after this step (Ctrl-C again: abort without saving)", file=sys.stderr)
@@ -692,57 +620,45 @@ def stop_request():
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
-
 def log(folder, record):  # metrics.jsonl: one JSON object per log line and per evaluation
     with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
-
 # ----------------------------------------------------------------------------- reading text, the corpus cache
 
-
-def die(msg):
-    """Bad input ends here: one line on stderr that says what to do, and exit status 1."""
+def die(msg):  # bad input ends here: one line on stderr that says what to do, and exit status 1
     sys.exit(f"minibert: error: {msg}")
-
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")  # ". The" ends a sentence
 WIKI_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), ("<unk>", "[UNK]")]
 
-
 def is_title(s):  # " = Title = " starts an article; " = = Section = = " is a heading
     return s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
 
-
 def parse_wikitext(lines):
-    """WikiText layout -> documents. A file without title lines: blank lines separate documents."""
+    """WikiText layout -> documents (lists of sentences). A file without title lines: blank lines separate
+    documents."""
     lines = [line.strip() for line in lines]
-    titled = any(is_title(s) for s in lines)
-    docs, doc = [], []
-    for s in lines + [""]:
+    titled, docs = any(map(is_title, lines)), [[]]
+    for s in lines:
         if (titled and is_title(s)) or (not titled and not s):
-            docs.append(doc)
-            doc = []
+            docs.append([])
         elif s and not s.startswith("="):  # headings are not sentences
             for a, b in WIKI_DETOK:
                 s = s.replace(a, b)
-            doc.extend(SENTENCE_END.split(s))
-    docs.append(doc)
+            docs[-1].extend(SENTENCE_END.split(s))
     return [d for d in docs if d]
-
 
 def read_cornell(folder):
     """Cornell Movie-Dialogs: each conversation is a document, each utterance a sentence."""
     def fields(name):
         if not os.path.isfile(os.path.join(folder, name)):
-            die(f"--data {folder} is a folder without {name}; pass a text file, or the Cornell Movie-Dialogs folder "
-                "(movie_lines.txt, movie_conversations.txt)")
+            die(f"--data {folder} is a folder without {name}; pass a text file, or the Cornell Movie-Dialogs folder")
         with open(os.path.join(folder, name), encoding="iso-8859-1") as f:
             return [line.rstrip("\n").split(" +++$+++ ") for line in f]
     lines = {r[0]: r[4].strip() for r in fields("movie_lines.txt") if len(r) == 5}
     convs = [re.findall(r"L\d+", r[-1]) for r in fields("movie_conversations.txt")]
     return [d for d in ([lines[i] for i in ids if lines.get(i)] for ids in convs) if d]
-
 
 def read_corpus(paths):
     """--data FILE [FILE ...] -> documents. A file: UTF-8 text in WikiText layout (.gz: compressed) or a
@@ -761,21 +677,17 @@ def read_corpus(paths):
         except FileNotFoundError:
             die(f"--data {path} does not exist; pass a UTF-8 text file")
         except UnicodeDecodeError:
-            iconv = "iconv -f latin1 -t utf-8"
-            cmd = f"zcat {path} | {iconv}" if path.endswith(".gz") else f"{iconv} {path}"
+            cmd = f"zcat {path} | iconv -f latin1 -t utf-8" if path.endswith(".gz") else f"iconv -f latin1 -t utf-8 {path}"
             die(f"--data {path} is not UTF-8 text; convert it first: {cmd} > {path}.utf8.txt")
         except gzip.BadGzipFile:
             die(f"--data {path} ends in .gz but is not gzip-compressed; rename it")
         except Exception as e:  # unreadable, a damaged Parquet file, or one without a "text" column
             die(f"cannot read --data {path} ({getattr(e, 'strerror', None) or str(e).split('. ')[0]})")
-    if not docs:
-        die(f"--data {' '.join(paths)} holds no text; pass a file with sentences in it")
-    return docs
+    return docs or die(f"--data {' '.join(paths)} holds no text; pass a file with sentences in it")
 
-
-def load_hub(cfg, splits=("train", "validation")):
-    """A Hugging Face hub dataset -> {split: documents}: its "text" column, read as a --data file is
-    (WikiText's layout; in a dataset without title lines, each row is a document)."""
+def load_hub(cfg, splits):
+    """Splits of a Hugging Face hub dataset, the first one required -> {split: documents}: its "text" column,
+    read as a --data file is (WikiText's layout; in a dataset without title lines, each row is a document)."""
     try:
         import datasets
         import huggingface_hub
@@ -785,30 +697,27 @@ def load_hub(cfg, splits=("train", "validation")):
     except Exception as e:  # no network, no hub, no datasets, no such dataset: all end the same way
         die(f"cannot load {cfg.dataset} ({cfg.dataset_config}) from the Hugging Face hub ({type(e).__name__}); "
             "offline, pass --data FILE")
+    if splits[0] not in ds or "text" not in ds[splits[0]].column_names:
+        die(f"{cfg.dataset} has no {splits[0]} split with a 'text' column; pass --data FILE")
     out = {}
-    for split in [s for s in splits if s in ds]:
-        if "text" not in ds[split].column_names:
-            die(f"{cfg.dataset} has no 'text' column; pass --data FILE")
+    for split in (s for s in splits if s in ds):
         rows = ds[split]["text"]
-        out[split] = parse_wikitext(rows if any(is_title(r.strip()) for r in rows[:1000]) else
-                                    [line for r in rows for line in (r.replace("\n", " "), "")])
+        titled = any(is_title(r.strip()) for r in rows[:1000])
+        out[split] = parse_wikitext(rows if titled else [line for r in rows for line in (r.replace("\n", " "), "")])
     return out
 
-
 def split_docs(docs, share, seed):
-    """Hold out a share of the documents, whole, for evaluation (none if there are too few)."""
+    """-> (training documents, held-out documents): a share of them, whole, at random (none if too few)."""
     docs = docs[:]
     random.Random(seed).shuffle(docs)
     n_val = max(2, round(share * len(docs))) if share > 0 and len(docs) >= 8 else 0  # NotNext needs two
     return docs[n_val:], docs[:n_val]
-
 
 def pairs_or_die(corpus, docs, cfg, seed):
     pairs = make_pairs(corpus, docs, cfg.max_len, seed, cfg.short_seq_prob)
     if len(pairs) == 0:
         die("too little text to build a single sentence pair: give at least two documents of two sentences or more")
     return pairs
-
 
 def cached_corpus(tok, docs, folder, save=True):
     """encode_corpus, cached in folder/corpus-KEY.pt. KEY hashes the text and the tokenizer, so a cache of
@@ -818,12 +727,10 @@ def cached_corpus(tok, docs, folder, save=True):
         h.update("\n".join(d).encode() + b"\0")
     path = os.path.join(folder, f"corpus-{h.hexdigest()[:16]}.pt")
     if os.path.exists(path):
-        try:
+        with suppress(Exception):
             c = Corpus(**torch.load(path, weights_only=True))
             if len(c.docs) == len(docs) + 1 and c.docs[-1] == len(c.sents) - 1 and c.sents[-1] == len(c.ids):
                 return c, True
-        except Exception:
-            pass
         print(f"warning: {path} is damaged; tokenizing again", file=sys.stderr)
     corpus = encode_corpus(tok, docs)
     if save:  # (under torchrun, rank 0 alone writes it; a read-only folder gets no cache)
@@ -831,32 +738,22 @@ def cached_corpus(tok, docs, folder, save=True):
             save_checkpoint(path, corpus._asdict())
     return corpus, False
 
-
 def load_checkpoint(folder):
-    """-> (state, tokenizer, config), or a one-line error that says what is wrong."""
-    folder = os.path.dirname(folder) if os.path.basename(folder) == "model.pt" else folder  # the file will do
+    """folder/model.pt (or that file) -> (state, tokenizer, config, model on the CPU), or a one-line error."""
+    folder = os.path.dirname(folder) if os.path.basename(folder) == "model.pt" else folder
     path = os.path.join(folder, "model.pt")
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}; train one first: python minibert.py train --data FILE --out {folder}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return state, Tokenizer.from_str(state["tokenizer"]), Config(**state["config"])
+        cfg = Config(**state["config"])
+        model = BERT(cfg)
+        model.load_state_dict(state["model"])
+        return state, Tokenizer.from_str(state["tokenizer"]), cfg, model
     except Exception as e:  # truncated, foreign or from another program
         die(f"{path} is not a minibert checkpoint ({type(e).__name__}); retrain, or point --ckpt at another folder")
 
-
-def load_model(folder, device):
-    state, tok, cfg = load_checkpoint(folder)
-    model = BERT(cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        die(f"{folder}/model.pt does not match its config ({str(e).splitlines()[0]}); retrain")
-    return model.to(device).eval(), tok, cfg
-
-
 # ----------------------------------------------------------------------------- bench
-
 
 def train_flops(cfg, B, T, P):
     """Useful FLOPs of one training step (2 per multiply-add; backward = 2 x forward), as run: the last
@@ -867,34 +764,17 @@ def train_flops(cfg, B, T, P):
     heads = B * P * 2 * (H * H + H * V) + B * 2 * (H * H + 2 * H)  # MLM at the slots; pooler and NSP
     return 3 * ((cfg.layers - 1) * B * T * layer + last + heads)
 
-
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
-
-def peak_flops(device):
-    """A GPU's dense bf16 peak; on the CPU, the fp32 matmul rate it reaches now (best of 20 1024^3 matmuls)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 989e12)
-        return peak, f"{name}, assumed bf16 dense peak {peak / 1e12:.0f} TFLOP/s"
-    a, times = torch.randn(1024, 1024), []
-    for _ in range(20):
-        t = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - t)
-    peak = 2 * 1024**3 / min(times)
-    return peak, f"CPU, {torch.get_num_threads()} threads, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
-
-
 def bench(cfg, steps=20, warmup=5):
-    """Time train_step (forward, losses, backward, clip, AdamW) on a synthetic batch of full sequences."""
-    device = torch.device(cfg.device)
+    """Time train_step (forward, losses, backward, clip, AdamW) on a synthetic batch of full sequences. MFU:
+    against a GPU's dense bf16 peak; on the CPU, against the fp32 rate it reaches (1024^3 matmuls)."""
+    device, B, T, V = torch.device(cfg.device), cfg.batch_size, cfg.max_len, cfg.vocab_size
     torch.backends.cuda.matmul.allow_tf32 = True  # on CUDA, for what autocast leaves in fp32
     torch.manual_seed(cfg.seed)
     model = BERT(cfg).to(device).train()
     optimizer = make_optimizer(model, cfg)
     loss_fn = torch.compile(pretraining_loss) if cfg.compile else pretraining_loss
-    B, T, V = cfg.batch_size, cfg.max_len, cfg.vocab_size
     gen = torch.Generator(device).manual_seed(cfg.seed)
     ids = torch.randint(len(SPECIALS), V, (B, T), generator=gen, device=device)
     ids[:, 0], ids[:, T // 2], ids[:, -1] = CLS, SEP, SEP
@@ -909,45 +789,47 @@ def bench(cfg, steps=20, warmup=5):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 989e12)
+        note = f"{name}, assumed bf16 dense peak {peak / 1e12:.0f} TFLOP/s"
+    else:
+        from torch.utils.benchmark import Timer
+        peak = 2 * 1024**3 / Timer("a @ a", globals={"a": torch.randn(1024, 1024)}).blocked_autorange().median
+        note = f"CPU, {torch.get_num_threads()} threads, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
     dt, flops = times[1] / steps, train_flops(cfg, B, T, pos.size(1))
-    peak, peak_note = peak_flops(device)
-    return {"device": str(device), "peak_note": peak_note, "batch_size": B, "max_len": T, "ms_per_step": 1e3 * dt,
+    return {"device": str(device), "peak_note": note, "batch_size": B, "max_len": T, "ms_per_step": 1e3 * dt,
             "tokens_per_s": B * T / dt, "tflops_per_step": flops / 1e12, "mfu": flops / dt / peak, "warmup_s": times[0]}
-
 
 # ----------------------------------------------------------------------------- export
 
 HF_NAMES = {  # minibert module -> Hugging Face BertForPreTraining module ({i}: layer index)
-    "emb.tok": "bert.embeddings.word_embeddings", "emb.pos": "bert.embeddings.position_embeddings",
-    "emb.seg": "bert.embeddings.token_type_embeddings", "emb.ln": "bert.embeddings.LayerNorm",
-    "layers.{i}.attn.proj": "bert.encoder.layer.{i}.attention.output.dense",
+    "tok": "bert.embeddings.word_embeddings", "pos": "bert.embeddings.position_embeddings",
+    "seg": "bert.embeddings.token_type_embeddings", "emb_ln": "bert.embeddings.LayerNorm",
+    "layers.{i}.proj": "bert.encoder.layer.{i}.attention.output.dense",
     "layers.{i}.ln1": "bert.encoder.layer.{i}.attention.output.LayerNorm",
-    "layers.{i}.fc1": "bert.encoder.layer.{i}.intermediate.dense",
-    "layers.{i}.fc2": "bert.encoder.layer.{i}.output.dense",
+    "layers.{i}.fc1": "bert.encoder.layer.{i}.intermediate.dense", "layers.{i}.fc2": "bert.encoder.layer.{i}.output.dense",
     "layers.{i}.ln2": "bert.encoder.layer.{i}.output.LayerNorm", "pool": "bert.pooler.dense",
     "nsp": "cls.seq_relationship", "mlm_dense": "cls.predictions.transform.dense",
-    "mlm_ln": "cls.predictions.transform.LayerNorm", "decoder": "cls.predictions",  # its weight is emb.tok's
+    "mlm_ln": "cls.predictions.transform.LayerNorm", "decoder": "cls.predictions",  # its weight is tok's (tied)
 }
-
 
 def hf_state_dict(sd, cfg):
     """Rename (and split the fused qkv of) a minibert state dict to Hugging Face's names."""
     out = {}
-    for i in range(cfg.layers):
-        for kind in ("weight", "bias"):
-            for name, t in zip(("query", "key", "value"), sd[f"layers.{i}.attn.qkv.{kind}"].chunk(3)):
-                out[f"bert.encoder.layer.{i}.attention.self.{name}.{kind}"] = t
+    for i, kind in ((i, kind) for i in range(cfg.layers) for kind in ("weight", "bias")):
+        for name, t in zip(("query", "key", "value"), sd[f"layers.{i}.qkv.{kind}"].chunk(3)):
+            out[f"bert.encoder.layer.{i}.attention.self.{name}.{kind}"] = t
     for ours, theirs in HF_NAMES.items():
-        for i in range(cfg.layers) if "{i}" in ours else [None]:
-            for kind in ("weight", "bias"):
-                if f"{ours.format(i=i)}.{kind}" in sd and (ours, kind) != ("decoder", "weight"):
-                    out[f"{theirs.format(i=i)}.{kind}"] = sd[f"{ours.format(i=i)}.{kind}"]
-    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
-
+        for i, kind in ((i, kind) for i in range(cfg.layers if "{i}" in ours else 1) for kind in ("weight", "bias")):
+            if f"{ours.format(i=i)}.{kind}" in sd and (ours, kind) != ("decoder", "weight"):
+                out[f"{theirs.format(i=i)}.{kind}"] = sd[f"{ours.format(i=i)}.{kind}"]
+    return out
 
 def export_hf(folder, to):
-    """A folder that transformers' BertForPreTraining.from_pretrained and AutoTokenizer load."""
-    state, tok, cfg = load_checkpoint(folder)
+    """A folder that transformers' BertForPreTraining.from_pretrained and AutoTokenizer load: tensors renamed
+    and a few JSON files (minibert does not import transformers)."""
+    state, tok, cfg, _ = load_checkpoint(folder)
     try:
         os.makedirs(to, exist_ok=True)
     except OSError as e:
@@ -968,17 +850,17 @@ def export_hf(folder, to):
     with open(os.path.join(to, "vocab.txt"), "w", encoding="utf-8") as f:  # for the slow BertTokenizer
         f.write("\n".join(tok.id_to_token(i) for i in range(tok.get_vocab_size())) + "\n")
     from safetensors.torch import save_file
-    save_file(hf_state_dict(state["model"], cfg), os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
+    weights = {k: v.float().contiguous().clone() for k, v in hf_state_dict(state["model"], cfg).items()}
+    save_file(weights, os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
     print(f"exported {folder} to {to}/; load it with transformers.BertForPreTraining.from_pretrained({to!r})")
-
 
 # ----------------------------------------------------------------------------- command line
 
+DEVICES = ["auto", "cuda", "cpu"]
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"minibert: error: {message} (see: python {self.prog} --help)\n")
-
 
 def add_config_flags(p):
     """Every Config field becomes a flag of the same name and type, its comment the help: they can't drift."""
@@ -988,26 +870,25 @@ def add_config_flags(p):
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
-            choices = ["auto", "cuda", "cpu"] if f.name == "device" else None
-            metavar = None if choices else f.type.__name__.upper()
-            p.add_argument(f"--{f.name}", type=f.type, choices=choices, metavar=metavar, help=h)
+            choices = DEVICES if f.name == "device" else None
+            p.add_argument(f"--{f.name}", type=f.type, choices=choices, metavar=f.type.__name__.upper(), help=h)
     presets = ", ".join(f"{k} ({n} x {h}, lr {lr:g})" for k, (n, h, lr) in PRESETS.items())
     p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; "
                    "explicit flags (--layers, --lr, ...) win (default mini)")
 
+RULES = [("layers hidden heads ffn vocab_size max_position max_len batch_size grad_accum epochs lr log_every save_every",
+          lambda v: v > 0, "must be positive"),
+         ("dropout short_seq_prob warmup val_share", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+         ("mask_prob", lambda v: 0 < v < 1, "must be in (0, 1)"),
+         ("max_steps weight_decay grad_clip", lambda v: v >= 0, "must not be negative")]
 
 def build_config(args, base=None, world=1):
     """Defaults (or base), then the preset, then each flag given; checked: a bad value is one line."""
     cfg = apply_preset(base or Config(), args.preset) if args.preset else base or Config()
     cfg = dataclasses.replace(cfg, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                                       if getattr(args, f.name) is not None})
-    rules = [(("layers", "hidden", "heads", "ffn", "vocab_size", "max_position", "max_len", "batch_size", "grad_accum",
-               "epochs", "lr", "log_every", "save_every"), lambda v: v > 0, "must be positive"),
-             (("dropout", "short_seq_prob", "warmup", "val_share"), lambda v: 0 <= v < 1, "must be in [0, 1)"),
-             (("mask_prob",), lambda v: 0 < v < 1, "must be in (0, 1)"),
-             (("max_steps", "weight_decay", "grad_clip"), lambda v: v >= 0, "must not be negative")]
-    for names, ok, rule in rules:
-        for name in (n for n in names if not ok(getattr(cfg, n))):
+    for names, ok, rule in RULES:
+        for name in (n for n in names.split() if not ok(getattr(cfg, n))):
             die(f"--{name} {rule}, not {getattr(cfg, name)}")
     if cfg.hidden % cfg.heads:
         die(f"--hidden {cfg.hidden} is not divisible by --heads {cfg.heads}")
@@ -1019,12 +900,10 @@ def build_config(args, base=None, world=1):
         die(f"--batch_size {cfg.batch_size} must be a multiple of {world} process(es) x --grad_accum {cfg.grad_accum}")
     return dataclasses.replace(cfg, device=resolve_device(cfg.device))
 
-
 def resolve_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         die("--device cuda, but torch sees no CUDA GPU; use --device cpu (or install a CUDA build of torch)")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
 
 def cmd_train(args):
     if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs
@@ -1035,7 +914,7 @@ def cmd_train(args):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out, resume = args.out or Config.out, None
     if args.resume:
-        resume, tok, saved = load_checkpoint(out)
+        resume, tok, saved, _ = load_checkpoint(out)
         cfg = build_config(args, saved, world)
         for name in ("layers", "hidden", "heads", "ffn", "vocab_size", "max_position"):  # the weights' shape
             if getattr(cfg, name) != getattr(saved, name):
@@ -1047,15 +926,11 @@ def cmd_train(args):
         cfg = build_config(args, world=world)
     torch.backends.cuda.matmul.allow_tf32 = True  # on CUDA, for what autocast leaves in fp32
     t0 = time.time()
-    if args.data:
-        train_docs, val_docs = split_docs(read_corpus(args.data), cfg.val_share, cfg.seed)
-    else:
-        hub = load_hub(cfg)
-        if "train" not in hub:
-            die(f"{cfg.dataset} has no train split; pass --data FILE")
-        train_docs, val_docs = hub["train"], hub.get("validation")
-        if val_docs is None:
-            train_docs, val_docs = split_docs(train_docs, cfg.val_share, cfg.seed)
+    hub = {} if args.data else load_hub(cfg, ("train", "validation"))
+    if "validation" in hub:
+        train_docs, val_docs = hub["train"], hub["validation"]
+    else:  # hold out a share of the documents, whole
+        train_docs, val_docs = split_docs(read_corpus(args.data) if args.data else hub["train"], cfg.val_share, cfg.seed)
     try:
         os.makedirs(cfg.out, exist_ok=True)
         open(os.path.join(cfg.out, "metrics.jsonl"), "a").close()
@@ -1077,39 +952,32 @@ def cmd_train(args):
               f"{tok.get_vocab_size()}\nconfig: {json.dumps(dataclasses.asdict(cfg))}")
     train(cfg, tok, corpus, range(n), val_pairs if len(val_pairs) else None, resume)
 
-
 def cmd_demo(args):
     text = re.sub(r"\[mask\]", "[MASK]", args.text, flags=re.IGNORECASE)  # [mask] is meant too
     if "[MASK]" not in text:
         die('the text has no [MASK]; try: python minibert.py demo "the [MASK] sat on the mat ."')
-    model, tok, cfg = load_model(args.ckpt, resolve_device(args.device))
-    guesses, windows = fill_mask(model, tok, text, cfg.max_len, args.top_k)
+    _, tok, cfg, model = load_checkpoint(args.ckpt)
+    guesses, windows = fill_mask(model.to(resolve_device(args.device)), tok, text, cfg.max_len, args.top_k)
     if windows > 1:
         print(f"note: the text is longer than the model's {cfg.max_len} tokens: it was read in {windows} windows, "
               "each around a [MASK]", file=sys.stderr)
     for i, g in enumerate(guesses):
         print(f"[MASK] {i + 1}: " + "  ".join(f"{w} {p:.3g}" for w, p in g))
 
-
 def cmd_eval(args):
-    device = resolve_device(args.device)
-    model, tok, cfg = load_model(args.ckpt, device)
-    docs = read_corpus(args.data) if args.data else load_hub(cfg, ("validation",)).get("validation")
-    if not docs:
-        die(f"{cfg.dataset} has no validation split; pass --data FILE")
+    device, (_, tok, cfg, model) = resolve_device(args.device), load_checkpoint(args.ckpt)
+    docs = read_corpus(args.data) if args.data else load_hub(cfg, ("validation",))["validation"]
     corpus, _ = cached_corpus(tok, docs, args.ckpt)
     pairs = pairs_or_die(corpus, range(len(docs)), cfg, cfg.seed + 1)
-    m = {**evaluate(model, corpus.ids.to(device), pairs.to(device), cfg), "pairs": len(pairs)}
+    m = {**evaluate(model.to(device), corpus.ids.to(device), pairs.to(device), cfg), "pairs": len(pairs)}
     print(json.dumps(m) if args.json else f"{len(pairs)} pairs | mlm_loss {m['mlm_loss']:.4f} | "
           f"mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
-
 
 def cmd_bench(args):
     r = bench(build_config(args), args.steps)
     print(json.dumps(r) if args.json else f"{r['device']}: {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} "
           f"tokens/s | MFU {100 * r['mfu']:.1f}% ({r['peak_note']}) | batch {r['batch_size']} x {r['max_len']} | "
           f"warm-up {r['warmup_s']:.1f} s")
-
 
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once, also in a file
@@ -1136,7 +1004,7 @@ def main(argv=None):
     for q in (d, e, x):
         q.add_argument("--ckpt", default="out", metavar="DIR", help="checkpoint folder (default out)")
     for q in (d, e):
-        q.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+        q.add_argument("--device", choices=DEVICES, default="auto")
     args = p.parse_args(argv)
     if args.cmd is None:
         p.print_help(sys.stderr)
@@ -1156,7 +1024,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

@@ -236,13 +236,13 @@ def test_tied_decoder_survives_save_and_load(tmp_path, tok):
     cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size())
     torch.manual_seed(0)
     model = mb.BERT(cfg)
-    assert model.decoder.weight is model.emb.tok.weight
+    assert model.decoder.weight is model.tok.weight
     with torch.no_grad():
-        model.emb.tok.weight[7] += 1.0  # a change to the embedding is a change to the decoder
-    assert torch.equal(model.decoder.weight[7], model.emb.tok.weight[7])
+        model.tok.weight[7] += 1.0  # a change to the embedding is a change to the decoder
+    assert torch.equal(model.decoder.weight[7], model.tok.weight[7])
     write_checkpoint(tmp_path, model, cfg, tok)
-    loaded, _, _ = mb.load_model(str(tmp_path), "cpu")
-    assert loaded.decoder.weight is loaded.emb.tok.weight
+    loaded = mb.load_checkpoint(str(tmp_path))[3]
+    assert loaded.decoder.weight is loaded.tok.weight
     ids = torch.tensor([[CLS, 10, MASK, 12, SEP]])
     assert torch.equal(model.eval()(ids, torch.zeros_like(ids))[0], loaded(ids, torch.zeros_like(ids))[0])
 
@@ -305,7 +305,7 @@ def test_non_finite_step_changes_nothing():
     batch = batch_of(TINY)
     mb.train_step(model, opt, mb.pretraining_loss, batch, 1e-3, TINY)
     with torch.no_grad():
-        model.emb.tok.weight[batch[0][0, 1]] = float("nan")
+        model.tok.weight[batch[0][0, 1]] = float("nan")
     before = [t.clone() for t in [*model.state_dict().values(), *(s["exp_avg"] for s in opt.state.values())]]
     _, skipped = mb.train_step(model, opt, mb.pretraining_loss, batch, 1e-3, TINY)
     after = [*model.state_dict().values(), *(s["exp_avg"] for s in opt.state.values())]
@@ -321,7 +321,7 @@ def test_lr_schedule_weight_decay_groups_and_presets():
     model = mb.BERT(TINY)
     groups = mb.make_optimizer(model, TINY).param_groups
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.parameters() if p.dim() >= 2}
-    assert groups[1]["weight_decay"] == 0.0 and model.emb.ln.weight in groups[1]["params"]
+    assert groups[1]["weight_decay"] == 0.0 and model.emb_ln.weight in groups[1]["params"]
     assert mb.apply_preset(Config(), "base").lr == 1e-4 and mb.apply_preset(Config(), "mini") == Config()
 
 
@@ -358,7 +358,7 @@ def test_resume_is_exact(tmp_path, tok, docs):
     with pytest.raises(SystemExit) as stop:
         mb.train(dataclasses.replace(cfg, out=b), tok, corpus, train_docs, val, stop_at=11)
     assert stop.value.code == 130
-    state, _, _ = mb.load_checkpoint(b)
+    state = mb.load_checkpoint(b)[0]
     assert state["step"] == 11
     resumed = mb.train(dataclasses.replace(cfg, out=b), tok, corpus, train_docs, val, resume=state)
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -391,8 +391,8 @@ def test_nonfinite_losses_stop_and_keep_last_checkpoint(tmp_path, tok, docs):
     corpus = mb.encode_corpus(tok, docs)
     mb.train(cfg, tok, corpus, range(len(docs)), None)
     before = (tmp_path / "model.pt").read_bytes()
-    state, _, _ = mb.load_checkpoint(str(tmp_path))
-    state["model"]["emb.ln.weight"][0] = float("nan")
+    state = mb.load_checkpoint(str(tmp_path))[0]
+    state["model"]["emb_ln.weight"][0] = float("nan")
     with pytest.raises(SystemExit) as err:
         mb.train(dataclasses.replace(cfg, max_steps=10), tok, corpus, range(len(docs)), None, resume=state)
     assert "non-finite" in str(err.value.code) and "the last checkpoint (step 2)" in str(err.value.code)
@@ -445,7 +445,7 @@ def test_collapse_is_detected_in_a_provoked_run(tmp_path, capsys):
     train_docs, val = range(30), mb.make_pairs(corpus, range(30, 40), 24, 1)
     mb.train(cfg, tok, corpus, train_docs, val)
     assert "warning" not in capsys.readouterr().err
-    state, _, _ = mb.load_checkpoint(str(tmp_path))
+    state = mb.load_checkpoint(str(tmp_path))[0]
     assert len(state["history"]) >= 10 and max(h["top_share"] for h in state["history"]) > 0.9  # the plateau
     mb.train(dataclasses.replace(cfg, max_steps=80, lr=1.0, warmup=0.0), tok, corpus, train_docs, val, resume=state)
     err = capsys.readouterr().err
@@ -717,8 +717,8 @@ def test_cli_two_processes_match_one(cli):
     for case in ("ddp_one0", "ddp_two0", "ddp_two1"):
         assert cli[case][0] == 0, cli[case][2]
     assert "step 10/10" in cli["ddp_two0"][1] and cli["ddp_two1"][1] == ""  # rank 0 alone prints
-    one, _, _ = mb.load_checkpoint(str(cli["out"] / "ddp_one"))
-    two, _, _ = mb.load_checkpoint(str(cli["out"] / "ddp_two"))
+    one = mb.load_checkpoint(str(cli["out"] / "ddp_one"))[0]
+    two = mb.load_checkpoint(str(cli["out"] / "ddp_two"))[0]
     assert one["step"] == two["step"] == 10
     for k, v in one["model"].items():
         assert torch.allclose(v, two["model"][k], atol=1e-5), k
@@ -737,8 +737,8 @@ def test_cli_export_into_the_checkpoint_folder_damages_nothing(cli):
     assert cli["export_into_ckpt"][0] == 0, cli["export_into_ckpt"][2]
     folder = str(cli["out"] / "exported")
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= set(os.listdir(folder))
-    state, tok, cfg = mb.load_checkpoint(folder)
-    ref, ref_tok, _ = mb.load_checkpoint(cli["ckpt"])
+    state, tok, cfg, _ = mb.load_checkpoint(folder)
+    ref, ref_tok, _, _ = mb.load_checkpoint(cli["ckpt"])
     assert tok.to_str() == ref_tok.to_str() and all(torch.equal(v, ref["model"][k]) for k, v in state["model"].items())
 
 
