@@ -236,13 +236,13 @@ def test_tied_decoder_survives_save_and_load(tmp_path, tok):
     cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size())
     torch.manual_seed(0)
     model = mb.BERT(cfg)
-    assert model.decoder.weight is model.tok.weight
+    assert model.decoder.weight is model.tok_emb.weight
     with torch.no_grad():
-        model.tok.weight[7] += 1.0  # a change to the embedding is a change to the decoder
-    assert torch.equal(model.decoder.weight[7], model.tok.weight[7])
+        model.tok_emb.weight[7] += 1.0  # a change to the embedding is a change to the decoder
+    assert torch.equal(model.decoder.weight[7], model.tok_emb.weight[7])
     write_checkpoint(tmp_path, model, cfg, tok)
     loaded = mb.load_checkpoint(str(tmp_path))[3]
-    assert loaded.decoder.weight is loaded.tok.weight
+    assert loaded.decoder.weight is loaded.tok_emb.weight
     ids = torch.tensor([[CLS, 10, MASK, 12, SEP]])
     assert torch.equal(model.eval()(ids, torch.zeros_like(ids))[0], loaded(ids, torch.zeros_like(ids))[0])
 
@@ -305,7 +305,7 @@ def test_non_finite_step_changes_nothing():
     batch = batch_of(TINY)
     mb.train_step(model, opt, mb.pretraining_loss, batch, 1e-3, TINY)
     with torch.no_grad():
-        model.tok.weight[batch[0][0, 1]] = float("nan")
+        model.tok_emb.weight[batch[0][0, 1]] = float("nan")
     before = [t.clone() for t in [*model.state_dict().values(), *(s["exp_avg"] for s in opt.state.values())]]
     _, skipped = mb.train_step(model, opt, mb.pretraining_loss, batch, 1e-3, TINY)
     after = [*model.state_dict().values(), *(s["exp_avg"] for s in opt.state.values())]
