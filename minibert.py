@@ -175,24 +175,22 @@ def make_pairs(corpus, doc_ids, max_len, seed, short_seq_prob=0.1):
     max_tokens = max_len - 3  # room for [CLS], [SEP], [SEP]
     pairs, deck = [], []
     for j, d in enumerate(docs):
-        start, i, end = D[d], D[d], D[d + 1]  # the chunk is sentences start..i
-        target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
-        while i < end:
-            if (S[i + 1] - S[start] >= target and i > start) or i == end - 1:
-                if i > start:  # two sentences or more; a last lone sentence is only used as a NotNext B
-                    cut = rng.randint(start + 1, i)  # A is sentences start..cut-1
-                    deck = deck or rng.sample([0, 1], 2)
-                    label = deck.pop()
-                    if label == 0:
-                        b0, b1 = S[cut], S[i + 1]
-                    else:
-                        b0, b1 = random_segment(S, D, docs, j, max(1, target - (S[cut] - S[start])), rng)
-                        i = cut - 1  # the chunk's unused sentences go back to the pool
-                    a0, a1, b0, b1 = truncate_pair(S[start], S[cut], b0, b1, max_tokens, rng)
-                    pairs.append((a0, a1 - a0, b0, b1 - b0, label))
-                start = i + 1
-                target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
-            i += 1
+        start, end = D[d], D[d + 1]  # the next chunk starts at sentence start; the document ends before end
+        while start < end - 1:  # two sentences or more are left (a last lone one is only used as a NotNext B)
+            target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
+            i = start + 1  # the chunk is sentences start..i: it grows until it holds target tokens or the document ends
+            while i < end - 1 and S[i + 1] - S[start] < target:
+                i += 1
+            cut = rng.randint(start + 1, i)  # A is sentences start..cut-1
+            deck = deck or rng.sample([0, 1], 2)  # labels are dealt from a shuffled deck of two
+            label, (a0, a1) = deck.pop(), (S[start], S[cut])
+            if label == 0:  # IsNext: B is the rest of the chunk, and the next chunk starts after it
+                b0, b1, start = S[cut], S[i + 1], i + 1
+            else:  # NotNext: B comes from another document, and the chunk's unused sentences go back to the pool
+                b0, b1 = random_segment(S, D, docs, j, max(1, target - (a1 - a0)), rng)
+                start = cut
+            a0, a1, b0, b1 = truncate_pair(a0, a1, b0, b1, max_tokens, rng)
+            pairs.append((a0, a1 - a0, b0, b1 - b0, label))
     return torch.tensor(pairs, dtype=torch.int64).view(-1, 5)
 
 def random_segment(S, D, docs, j, target, rng):
