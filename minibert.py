@@ -880,7 +880,8 @@ def add_config_flags(p):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
             choices = DEVICES if f.name == "device" else None
-            p.add_argument(f"--{f.name}", type=f.type, choices=choices, metavar=f.type.__name__.upper(), help=h)
+            metavar = None if choices else f.type.__name__.upper()
+            p.add_argument(f"--{f.name}", type=f.type, choices=choices, metavar=metavar, help=h)
     presets = ", ".join(f"{k} ({n} x {h}, lr {lr:g})" for k, (n, h, lr) in PRESETS.items())
     p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; "
                    "explicit flags (--layers, --lr, ...) win (default mini)")
