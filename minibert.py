@@ -458,7 +458,8 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
         if world > 1:  # rank 0's dropout state was saved: the others draw new masks (exact with --dropout 0)
             torch.manual_seed(cfg.seed + rank + 1000 * step)
     if step >= total:
-        say(f"the run in {cfg.out}/ had finished its {total} steps; to go on, --resume with more --max_steps")
+        say(f"the run in {cfg.out}/ had finished its {total} steps; to go on, --resume with more --epochs or "
+            "--max_steps")
         return raw
     os.makedirs(cfg.out, exist_ok=True)
     say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per "
@@ -686,7 +687,7 @@ def read_corpus(paths):
         except UnicodeDecodeError:
             iconv = "iconv -f latin1 -t utf-8"
             cmd = f"zcat {path} | {iconv}" if path.endswith(".gz") else f"{iconv} {path}"
-            die(f"--data {path} is not UTF-8 text; convert it first: {cmd} > {path}.utf8.txt")
+            die(f"--data {path} is not UTF-8 text; if it is Latin-1 text, convert it: {cmd} > {path}.utf8.txt")
         except gzip.BadGzipFile:
             die(f"--data {path} ends in .gz but is not gzip-compressed; rename it")
         except Exception as e:  # unreadable, a damaged Parquet file, or one without a "text" column
@@ -861,6 +862,7 @@ def export_hf(folder, to):
     from safetensors.torch import save_file
     weights = {k: v.float().contiguous().clone() for k, v in hf_state_dict(state["model"], cfg).items()}
     save_file(weights, os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(os.path.join(to, "model.safetensors"), os.stat(os.path.join(to, "config.json")).st_mode)  # not 600
     print(f"exported {folder} to {to}/; load it with transformers.BertForPreTraining.from_pretrained({to!r})")
 
 # ----------------------------------------------------------------------------- command line
@@ -954,7 +956,8 @@ def cmd_train(args):
         tok = Tokenizer.from_str(tok[0])
         cfg = dataclasses.replace(cfg, vocab_size=tok.get_vocab_size())
     t_tok = time.time() - t0
-    corpus, cached = cached_corpus(tok, train_docs + val_docs, cfg.out, save=rank == 0)
+    # (rank 0 writes the cache, and only for a new run: a resume with other text must not leave one in the run's folder)
+    corpus, cached = cached_corpus(tok, train_docs + val_docs, cfg.out, save=rank == 0 and resume is None)
     n = len(train_docs)
     val_pairs = make_pairs(corpus, range(n, n + len(val_docs)), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)[:4096]
     if rank == 0:
@@ -1016,7 +1019,9 @@ def main(argv=None):
         q.add_argument("--ckpt", default="out", metavar="DIR", help="checkpoint folder (default out)")
     for q in (d, e):
         q.add_argument("--device", choices=DEVICES, default="auto")
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, whose --help lists its flags
+        (sub.choices[args.cmd] if args.cmd else p).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.cmd is None:
         p.print_help(sys.stderr)
         sys.exit(2)

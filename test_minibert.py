@@ -767,7 +767,7 @@ BAD = {  # case -> what the one-line message must mention
     "truncated_ckpt": "not a minibert checkpoint", "data_missing": "does not exist",
     "data_empty": "holds no text", "data_folder": "is a folder without movie_lines.txt", "data_latin1": "iconv -f latin1 -t utf-8",
     "data_too_little": "too little text", "data_not_gzip": "is not gzip-compressed", "cornell_half": "is a folder without movie_conversations.txt",
-    "unknown_flag": "unrecognized arguments: --bogus", "bad_type": "invalid int value",
+    "unknown_flag": "unrecognized arguments: --bogus 1 (see: python minibert.py train --help)", "bad_type": "invalid int value",
     "zero_batch": "--batch_size must be positive", "batch_not_multiple": "must be a multiple of",
     "negative_epochs": "--epochs must be positive", "zero_lr": "--lr must be positive",
     "abbreviated_flag": "unrecognized arguments: --max_step", "negative_max_steps": "--max_steps must not be negative",
