@@ -29,6 +29,7 @@ import dataclasses
 import gzip
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -440,6 +441,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # masks: the same on every rank
     torch.manual_seed(cfg.seed + rank)  # dropout: not the same on every rank
     tokens = corpus.ids.to(device)  # the whole tokenized corpus: batches are gathered on the GPU
+    val_pairs = None if val_pairs is None else val_pairs.to(device)
     pairs0 = pairs_or_die(corpus, train_docs, cfg, cfg.seed)  # epoch 0's
     N, steps_per_epoch = len(pairs0), math.ceil(len(pairs0) / B)  # pairs per epoch
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -514,7 +516,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             # evaluate and checkpoint: each epoch's end, every save_every steps, the end; not counted in tokens/s
             t_pause = time.time()
             if evaluate_now and val_pairs is not None and rank == 0:
-                m = evaluate(raw, tokens, val_pairs.to(device), cfg)
+                m = evaluate(raw, tokens, val_pairs, cfg)
                 when = "end" if last_step else f"epoch {round(step / steps_per_epoch, 2):g}"
                 say(f"eval ({when}) step {step}: mlm_loss {m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | "
                     f"nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
@@ -748,7 +750,7 @@ def cached_corpus(tok, docs, folder, save=True):
     return corpus, False
 
 def load_checkpoint(folder):
-    """folder/model.pt (or that file) -> (state, tokenizer, config, model on the CPU), or a one-line error."""
+    """folder/model.pt (or that file) -> (state, tokenizer, config), or a one-line error."""
     folder = os.path.dirname(folder) if os.path.basename(folder) == "model.pt" else folder
     path = os.path.join(folder, "model.pt")
     if not os.path.isfile(path):
@@ -756,11 +758,19 @@ def load_checkpoint(folder):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         cfg = Config(**state["config"])
-        model = BERT(cfg)
-        model.load_state_dict(state["model"])
-        return state, Tokenizer.from_str(state["tokenizer"]), cfg, model
+        with torch.device("meta"):  # the weights this version's BERT has, names and shapes, allocating nothing
+            expected = {k: v.shape for k, v in BERT(cfg).state_dict().items()}
+        if {k: v.shape for k, v in state["model"].items()} != expected:
+            die(f"{path} holds the weights of another version of minibert; retrain with this one")
+        return state, Tokenizer.from_str(state["tokenizer"]), cfg
     except Exception as e:  # truncated, foreign or from another program
         die(f"{path} is not a minibert checkpoint ({type(e).__name__}); retrain, or point --ckpt at another folder")
+
+def load_model(folder, device):  # for demo and eval: the checkpoint's model, in eval mode
+    state, tok, cfg = load_checkpoint(folder)
+    model = BERT(cfg)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), tok, cfg
 
 # ----------------------------------------------------------------------------- bench
 
@@ -827,11 +837,11 @@ HF_NAMES = {  # minibert module -> Hugging Face BertForPreTraining module ({i}: 
 def hf_state_dict(sd, cfg):
     """Rename (and split the fused qkv of) a minibert state dict to Hugging Face's names."""
     out = {}
-    for i, kind in ((i, kind) for i in range(cfg.layers) for kind in ("weight", "bias")):
+    for i, kind in itertools.product(range(cfg.layers), ("weight", "bias")):
         for name, t in zip(("query", "key", "value"), sd[f"layers.{i}.qkv.{kind}"].chunk(3)):
             out[f"bert.encoder.layer.{i}.attention.self.{name}.{kind}"] = t
     for ours, theirs in HF_NAMES.items():
-        for i, kind in ((i, kind) for i in range(cfg.layers if "{i}" in ours else 1) for kind in ("weight", "bias")):
+        for i, kind in itertools.product(range(cfg.layers if "{i}" in ours else 1), ("weight", "bias")):
             if f"{ours.format(i=i)}.{kind}" in sd and (ours, kind) != ("decoder", "weight"):
                 out[f"{theirs.format(i=i)}.{kind}"] = sd[f"{ours.format(i=i)}.{kind}"]
     return out
@@ -839,7 +849,7 @@ def hf_state_dict(sd, cfg):
 def export_hf(folder, to):
     """A folder that transformers' BertForPreTraining.from_pretrained and AutoTokenizer load: tensors renamed
     and a few JSON files (minibert does not import transformers)."""
-    state, tok, cfg, _ = load_checkpoint(folder)
+    state, tok, cfg = load_checkpoint(folder)
     try:
         os.makedirs(to, exist_ok=True)
     except OSError as e:
@@ -926,7 +936,7 @@ def cmd_train(args):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out, resume = args.out or Config.out, None
     if args.resume:
-        resume, tok, saved, _ = load_checkpoint(out)
+        resume, tok, saved = load_checkpoint(out)
         cfg = build_config(args, saved, world)
         for name in ("layers", "hidden", "heads", "ffn", "vocab_size", "max_position"):  # the weights' shape
             if getattr(cfg, name) != getattr(saved, name):
@@ -970,8 +980,8 @@ def cmd_demo(args):
     text = re.sub(r"\[mask\]", "[MASK]", args.text, flags=re.IGNORECASE)  # [mask] is meant too
     if "[MASK]" not in text:
         die('the text has no [MASK]; try: python minibert.py demo "the [MASK] sat on the mat ."')
-    _, tok, cfg, model = load_checkpoint(args.ckpt)
-    guesses, windows = fill_mask(model.to(resolve_device(args.device)), tok, text, cfg.max_len, args.top_k)
+    model, tok, cfg = load_model(args.ckpt, resolve_device(args.device))
+    guesses, windows = fill_mask(model, tok, text, cfg.max_len, args.top_k)
     if windows > 1:
         print(f"note: the text is longer than the model's {cfg.max_len} tokens: it was read in {windows} windows, "
               "each around a [MASK]", file=sys.stderr)
@@ -979,11 +989,12 @@ def cmd_demo(args):
         print(f"[MASK] {i + 1}: " + "  ".join(f"{w} {p:.3g}" for w, p in g))
 
 def cmd_eval(args):
-    device, (_, tok, cfg, model) = resolve_device(args.device), load_checkpoint(args.ckpt)
+    device = resolve_device(args.device)
+    model, tok, cfg = load_model(args.ckpt, device)
     docs = read_corpus(args.data) if args.data else load_hub(cfg, ("validation",))["validation"]
     corpus, _ = cached_corpus(tok, docs, args.ckpt)
     pairs = pairs_or_die(corpus, range(len(docs)), cfg, cfg.seed + 1)
-    m = {**evaluate(model.to(device), corpus.ids.to(device), pairs.to(device), cfg), "pairs": len(pairs)}
+    m = {**evaluate(model, corpus.ids.to(device), pairs.to(device), cfg), "pairs": len(pairs)}
     print(json.dumps(m) if args.json else f"{len(pairs)} pairs | mlm_loss {m['mlm_loss']:.4f} | "
           f"mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
 

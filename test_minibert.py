@@ -241,7 +241,7 @@ def test_tied_decoder_survives_save_and_load(tmp_path, tok):
         model.tok_emb.weight[7] += 1.0  # a change to the embedding is a change to the decoder
     assert torch.equal(model.decoder.weight[7], model.tok_emb.weight[7])
     write_checkpoint(tmp_path, model, cfg, tok)
-    loaded = mb.load_checkpoint(str(tmp_path))[3]
+    loaded, _, _ = mb.load_model(str(tmp_path), "cpu")
     assert loaded.decoder.weight is loaded.tok_emb.weight
     ids = torch.tensor([[CLS, 10, MASK, 12, SEP]])
     assert torch.equal(model.eval()(ids, torch.zeros_like(ids))[0], loaded(ids, torch.zeros_like(ids))[0])
@@ -566,6 +566,11 @@ def cli(tmp_path_factory):
     trunc = d / "trunc"
     trunc.mkdir()
     (trunc / "model.pt").write_bytes(open(os.path.join(ckpt, "model.pt"), "rb").read()[:5000])
+    old = d / "old"  # a checkpoint of an earlier version: another name for a weight
+    old.mkdir()
+    state = torch.load(os.path.join(ckpt, "model.pt"), weights_only=True)
+    state["model"]["emb.tok.weight"] = state["model"].pop("tok_emb.weight")
+    torch.save(state, old / "model.pt")
     shutil.copytree(ckpt, d / "exported")  # export into a checkpoint's own folder must not damage it
     half_cornell = d / "cornell"  # movie_lines.txt without movie_conversations.txt
     half_cornell.mkdir()
@@ -589,6 +594,7 @@ def cli(tmp_path_factory):
         "no_ckpt": ["demo", "the [MASK] sat", "--ckpt", str(d / "nowhere")],
         "foreign_ckpt": ["demo", "the [MASK] sat", "--ckpt", str(bad)],
         "truncated_ckpt": ["eval", "--data", c, "--ckpt", str(trunc)],
+        "old_version_ckpt": ["train", "--data", c, "--resume", "--out", str(old)],
         "data_missing": ["train", "--data", str(d / "nope.txt"), "--out", str(d / "o1")],
         "data_empty": ["train", "--data", str(d / "empty.txt"), "--out", str(d / "o2")],
         "data_folder": ["train", "--data", str(d), "--out", str(d / "o3")],
@@ -737,8 +743,8 @@ def test_cli_export_into_the_checkpoint_folder_damages_nothing(cli):
     assert cli["export_into_ckpt"][0] == 0, cli["export_into_ckpt"][2]
     folder = str(cli["out"] / "exported")
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= set(os.listdir(folder))
-    state, tok, cfg, _ = mb.load_checkpoint(folder)
-    ref, ref_tok, _, _ = mb.load_checkpoint(cli["ckpt"])
+    state, tok, cfg = mb.load_checkpoint(folder)
+    ref, ref_tok, _ = mb.load_checkpoint(cli["ckpt"])
     assert tok.to_str() == ref_tok.to_str() and all(torch.equal(v, ref["model"][k]) for k, v in state["model"].items())
 
 
@@ -764,7 +770,7 @@ def test_interrupt_while_loading_data_exits_130(monkeypatch, capsys):
 
 BAD = {  # case -> what the one-line message must mention
     "no_mask": "no [MASK]", "empty_text": "no [MASK]", "no_ckpt": "train one first", "foreign_ckpt": "not a minibert checkpoint",
-    "truncated_ckpt": "not a minibert checkpoint", "data_missing": "does not exist",
+    "truncated_ckpt": "not a minibert checkpoint", "old_version_ckpt": "another version of minibert", "data_missing": "does not exist",
     "data_empty": "holds no text", "data_folder": "is a folder without movie_lines.txt", "data_latin1": "iconv -f latin1 -t utf-8",
     "data_too_little": "too little text", "data_not_gzip": "is not gzip-compressed", "cornell_half": "is a folder without movie_conversations.txt",
     "unknown_flag": "unrecognized arguments: --bogus 1 (see: python minibert.py train --help)", "bad_type": "invalid int value",
