@@ -453,7 +453,11 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
         raw.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"]["torch"])
-        gen.set_state(resume["rng"]["mask"])
+        if resume["rng"]["mask"].shape == gen.get_state().shape:
+            gen.set_state(resume["rng"]["mask"])
+        else:  # the run moved between the CPU and a GPU, whose generators differ: new masks from here on
+            gen.manual_seed(cfg.seed + 1 + resume["step"])
+            say("note: the run moved between the CPU and a GPU: it goes on with other random masks (not bit-exact)")
         if device.type == "cuda" and resume["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(resume["rng"]["cuda"])
         step, history, saved = resume["step"], resume["history"], resume["step"]
@@ -937,7 +941,7 @@ def cmd_train(args):
     out, resume = args.out or Config.out, None
     if args.resume:
         resume, tok, saved = load_checkpoint(out)
-        cfg = build_config(args, saved, world)
+        cfg = build_config(args, dataclasses.replace(saved, device="auto"), world)  # the device is this machine's
         for name in ("layers", "hidden", "heads", "ffn", "vocab_size", "max_position"):  # the weights' shape
             if getattr(cfg, name) != getattr(saved, name):
                 die(f"--resume: the checkpoint in {out}/ has {name} {getattr(saved, name)}, not "
