@@ -461,7 +461,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
         if device.type == "cuda" and resume["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(resume["rng"]["cuda"])
         step, history, saved = resume["step"], resume["history"], resume["step"]
-        if world > 1:  # rank 0's dropout state was saved: the others draw new masks (exact with --dropout 0)
+        if rank > 0:  # rank 0's dropout state was saved: the others draw new masks (exact with --dropout 0)
             torch.manual_seed(cfg.seed + rank + 1000 * step)
     if step >= total:
         say(f"the run in {cfg.out}/ had finished its {total} steps; to go on, --resume with more --epochs or "
@@ -493,11 +493,12 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             if cfg.compile and step == first + 1:
                 say(f"compile: {time.time() - t0:.1f} s (the first step)")
             last_step, log_now, stop = step == total, step % cfg.log_every == 0, stopped[0] or step == stop_at
-            if world > 1:  # the ranks must stop at the same step: a stop request waits for a log step, where they agree
-                flag = torch.tensor(float(stop and log_now), device=device)
-                if log_now:
-                    dist.all_reduce(flag, dist.ReduceOp.MAX)
-                stop = bool(flag)
+            if world > 1 and log_now:  # the ranks must stop at the same step: they agree on it at log steps
+                flag = torch.tensor(float(stop), device=device)
+                dist.all_reduce(flag, dist.ReduceOp.MAX)
+                stop = bool(flag)  # a host sync, once per log interval
+            elif world > 1:
+                stop = False  # a stop request waits for the next log step
             evaluate_now = step % steps_per_epoch == 0 or step % cfg.save_every == 0 or last_step
             # log: the device's counters are read here, once per interval
             if (log_now or evaluate_now or stop) and worst >= 3:

@@ -380,8 +380,10 @@ def test_resume_is_exact(tmp_path, tok, docs, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_train_resume_and_evaluate_on_cuda(tmp_path, tok, docs):
     """The loop on a GPU (batches and masks made there, bf16, evaluations, checkpoints): 16 steps straight
-    ~= 11, a stop, a resume and 5 more (a GPU's sums need not be bit-exact from run to run, so to a
-    tolerance: 5 steps at lr <= 5e-4 move a weight by ~2.5e-3 at most); the step-11 run goes on on the CPU."""
+    ~= 11, a stop, a resume and 5 more. A GPU's sums need not be bit-exact from run to run (attention's backward
+    adds atomically), and Adam can turn a tiny difference into a whole step, so the tolerance is the worst case:
+    twice the learning rates of steps 11-15 summed (2 x 1e-3). test_resume_is_exact checks exactness on the
+    CPU; this one, that the loop runs on a GPU and resumes to the same place. The step-11 run goes on on the CPU."""
     cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), max_len=32, batch_size=8, max_steps=16,
                               log_every=4, device="cuda")
     corpus = mb.encode_corpus(tok, docs)
@@ -393,7 +395,7 @@ def test_train_resume_and_evaluate_on_cuda(tmp_path, tok, docs):
     shutil.copytree(b, c)
     resumed = mb.train(dataclasses.replace(cfg, out=b), tok, corpus, train_docs, val, resume=mb.load_checkpoint(b)[0])
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert p.is_cuda and torch.allclose(p, q, atol=1e-3), name
+        assert p.is_cuda and torch.allclose(p, q, atol=2e-3), name
     moved = mb.train(dataclasses.replace(cfg, out=c, device="cpu"), tok, corpus, train_docs, val,
                      resume=mb.load_checkpoint(c)[0])
     assert mb.load_checkpoint(c)[0]["step"] == 16 and all(p.isfinite().all() for p in moved.parameters())
