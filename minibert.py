@@ -451,7 +451,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
         if resume["n_train_pairs"] != N:
             die(f"--resume: this data gives {N} training pairs, the checkpoint's run had {resume['n_train_pairs']}; "
                 "pass the same --data")
-        raw.load_state_dict(resume["model"])
+        load_weights(raw, resume, cfg.out)
         optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"]["torch"])
         if resume["rng"]["mask"].shape == gen.get_state().shape:
@@ -763,19 +763,20 @@ def load_checkpoint(folder):
         die(f"no checkpoint at {path}; train one first: python minibert.py train --data FILE --out {folder}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = Config(**state["config"])
-        with torch.device("meta"):  # the weights this version's BERT has, names and shapes, allocating nothing
-            expected = {k: v.shape for k, v in BERT(cfg).state_dict().items()}
-        if {k: v.shape for k, v in state["model"].items()} != expected:
-            die(f"{path} holds the weights of another version of minibert; retrain with this one")
-        return state, Tokenizer.from_str(state["tokenizer"]), cfg
+        return state, Tokenizer.from_str(state["tokenizer"]), Config(**state["config"])
     except Exception as e:  # truncated, foreign or from another program
         die(f"{path} is not a minibert checkpoint ({type(e).__name__}); retrain, or point --ckpt at another folder")
+
+def load_weights(model, state, folder):  # weights named or shaped otherwise: one line, not a traceback
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        die(f"the checkpoint in {folder} holds the weights of another version of minibert; retrain with this one")
 
 def load_model(folder, device):  # for demo and eval: the checkpoint's model, in eval mode
     state, tok, cfg = load_checkpoint(folder)
     model = BERT(cfg)
-    model.load_state_dict(state["model"])
+    load_weights(model, state, folder)
     return model.to(device).eval(), tok, cfg
 
 # ----------------------------------------------------------------------------- bench
@@ -856,6 +857,7 @@ def export_hf(folder, to):
     """A folder that transformers' BertForPreTraining.from_pretrained and AutoTokenizer load: tensors renamed
     and a few JSON files (minibert does not import transformers)."""
     state, tok, cfg = load_checkpoint(folder)
+    load_weights(BERT(cfg), state, folder)  # (only to check them)
     try:
         os.makedirs(to, exist_ok=True)
     except OSError as e:

@@ -635,6 +635,8 @@ def cli(tmp_path_factory):
         "foreign_ckpt": ["demo", "the [MASK] sat", "--ckpt", str(bad)],
         "truncated_ckpt": ["eval", "--data", c, "--ckpt", str(trunc)],
         "old_version_ckpt": ["train", "--data", c, "--resume", "--out", str(old)],
+        "old_version_demo": ["demo", "the [MASK] sat", "--ckpt", str(old)],
+        "old_version_export": ["export", "--ckpt", str(old), "--to", str(d / "hf_old")],
         "resume_from_gpu": ["train", "--data", c, "--resume", "--out", str(gpu), "--max_steps", "8"],
         "data_missing": ["train", "--data", str(d / "nope.txt"), "--out", str(d / "o1")],
         "data_empty": ["train", "--data", str(d / "empty.txt"), "--out", str(d / "o2")],
@@ -816,7 +818,8 @@ def test_interrupt_while_loading_data_exits_130(monkeypatch, capsys):
 
 BAD = {  # case -> what the one-line message must mention
     "no_mask": "no [MASK]", "empty_text": "no [MASK]", "no_ckpt": "train one first", "foreign_ckpt": "not a minibert checkpoint",
-    "truncated_ckpt": "not a minibert checkpoint", "old_version_ckpt": "another version of minibert", "data_missing": "does not exist",
+    "truncated_ckpt": "not a minibert checkpoint", "old_version_ckpt": "another version of minibert",
+    "old_version_demo": "another version of minibert", "old_version_export": "another version of minibert", "data_missing": "does not exist",
     "data_empty": "holds no text", "data_folder": "is a folder without movie_lines.txt", "data_latin1": "iconv -f latin1 -t utf-8",
     "data_too_little": "too little text", "data_not_gzip": "is not gzip-compressed", "cornell_half": "is a folder without movie_conversations.txt",
     "unknown_flag": "unrecognized arguments: --bogus 1 (see: python minibert.py train --help)", "bad_type": "invalid int value",
