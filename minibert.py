@@ -857,7 +857,8 @@ def export_hf(folder, to):
     """A folder that transformers' BertForPreTraining.from_pretrained and AutoTokenizer load: tensors renamed
     and a few JSON files (minibert does not import transformers)."""
     state, tok, cfg = load_checkpoint(folder)
-    load_weights(BERT(cfg), state, folder)  # (only to check them)
+    model = BERT(cfg)
+    load_weights(model, state, folder)  # a checkpoint of another version: one line, before anything is written
     try:
         os.makedirs(to, exist_ok=True)
     except OSError as e:
@@ -878,7 +879,7 @@ def export_hf(folder, to):
     with open(os.path.join(to, "vocab.txt"), "w", encoding="utf-8") as f:  # for the slow BertTokenizer
         f.write("\n".join(tok.id_to_token(i) for i in range(tok.get_vocab_size())) + "\n")
     from safetensors.torch import save_file
-    weights = {k: v.float().contiguous().clone() for k, v in hf_state_dict(state["model"], cfg).items()}
+    weights = {k: v.float().contiguous().clone() for k, v in hf_state_dict(model.state_dict(), cfg).items()}
     save_file(weights, os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
     os.chmod(os.path.join(to, "model.safetensors"), os.stat(os.path.join(to, "config.json")).st_mode)  # not 600
     print(f"exported {folder} to {to}/; load it with transformers.BertForPreTraining.from_pretrained({to!r})")
