@@ -25,6 +25,7 @@ Learn Better" (the size presets); google-research/bert, create_pretraining_data.
 
 import argparse
 import bisect
+import csv
 import dataclasses
 import gzip
 import hashlib
@@ -74,8 +75,10 @@ class Config:  # each field's comment is also its flag's --help (add_config_flag
     grad_accum: int = 1  # micro-batches per optimizer step on each GPU: the same update, less memory
     epochs: int = 40  # passes over the training pairs
     max_steps: int = 0  # if > 0: the run's length in optimizer steps, instead of epochs
+    budget: float = 0  # if > 0: the run's length in minutes of training, instead of steps (not bit-exact on --resume)
     lr: float = 5e-4  # peak learning rate of AdamW; each preset has its own, an explicit --lr wins
     warmup: float = 0.1  # share of the steps spent warming the learning rate up linearly from 0
+    beta2: float = 0.999  # AdamW's decay of its squared-gradient average (RoBERTa: 0.98)
     weight_decay: float = 0.01  # AdamW decay on weight matrices and embeddings (not on biases and LayerNorm)
     grad_clip: float = 1.0  # maximum global gradient norm (0: no clipping)
     seed: int = 1337  # for pairs, data order, masks, dropout and initialisation
@@ -85,16 +88,13 @@ class Config:  # each field's comment is also its flag's --help (add_config_flag
     compile: bool = False  # torch.compile the step: forward, both losses and backward as one graph
     out: str = "out"  # checkpoint folder
 
-# After Turc et al. 2019, name: (layers, hidden, peak lr); heads = hidden / 64, ffn = 4 hidden. One H100,
-# WikiText-2: base collapses at 5e-4 ("the" everywhere) and trains at 1e-4, the paper's rate; mini trains at 5e-4.
-# 2 CPU cores, held-out MLM: tiny, 10 epochs of valid.txt, accuracy 0.088 / 0.101 / 0.114 at 5e-4 / 1e-3 / 2e-3;
-# 250 steps of 64 tokens, loss: small 6.96 / 6.94 / 7.04 at 1e-4 / 2e-4 / 5e-4; medium 7.01 / 6.95 / 7.01 / 7.09 at
-# 1e-4 / 1.5e-4 / 2.5e-4 / 4e-4 (accuracy best at 1.5e-4 too).
-PRESETS = {"tiny": (2, 128, 2e-3), "mini": (4, 256, 5e-4), "small": (4, 512, 2e-4), "medium": (8, 512, 1.5e-4),
-           "base": (12, 768, 1e-4)}
+# After Turc et al. 2019, name: (layers, hidden, peak lr, fine-tuning lr); heads = hidden / 64, ffn = 4 hidden. The
+# rates are measured (held-out MLM on WikiText-2, SST-2 accuracy; the README), but small's and medium's fine-tuning.
+PRESETS = {"tiny": (2, 128, 2e-3, 1e-3), "mini": (4, 256, 5e-4, 3e-4), "small": (4, 512, 2e-4, 1e-4),
+           "medium": (8, 512, 1.5e-4, 1e-4), "base": (12, 768, 1e-4, 5e-5)}
 
 def apply_preset(cfg, name):
-    layers, hidden, lr = PRESETS[name]
+    layers, hidden, lr, _ = PRESETS[name]
     return dataclasses.replace(cfg, layers=layers, hidden=hidden, heads=hidden // 64, ffn=4 * hidden, lr=lr)
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # the tokenizer gives them the ids 0..4, in this order
@@ -102,23 +102,29 @@ PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
-    """BERT's uncased WordPiece: lower-case and strip accents, split on spaces and punctuation. Learnt from
-    a sample of 200k sentences (~5M words) at most: on WikiText-2 x 10, 6.5 s instead of 24 s, 96 % of the
-    vocabulary the same. (Ties break in hash-map order, so two runs may differ by a few entries.)"""
-    sentences = list(sentences)
-    if len(sentences) > max_sentences:
-        sentences = random.Random(0).sample(sentences, max_sentences)
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+def wordpiece(vocab=None):
+    """BERT's uncased WordPiece: lower-case and strip accents, split on spaces and punctuation; vocab: {token: id},
+    or None for one to train. encode(text) adds [CLS] ... [SEP], and encode(a, b) [CLS] a [SEP] b [SEP]."""
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")  # "play ##ing" -> "playing"
-    bar = sys.stderr.isatty()  # the trainer's progress bar on a terminal only: elsewhere it prints blank lines
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=bar)
-    tok.train_from_iterator(sentences, trainer)
-    tok.post_processor = processors.TemplateProcessing(  # encode(text) adds [CLS] ... [SEP], as BERT does
+    tok.post_processor = processors.TemplateProcessing(  # with the segment ids (type_ids) 0 for a, 1 for b
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)]
     )
+    return tok
+
+def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
+    """A WordPiece vocabulary learnt from a sample of 200k sentences (~5M words) at most: on WikiText-2 x 10,
+    6.5 s instead of 24 s, 96 % of the vocabulary the same. (Ties break in hash-map order, so two runs may
+    differ by a few entries: to compare two recipes, give both one tokenizer, train --tokenizer.)"""
+    sentences = list(sentences)
+    if len(sentences) > max_sentences:
+        sentences = random.Random(0).sample(sentences, max_sentences)
+    tok = wordpiece()
+    bar = sys.stderr.isatty()  # the trainer's progress bar on a terminal only: elsewhere it prints blank lines
+    tok.train_from_iterator(sentences, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                                                 show_progress=bar))
     return tok
 
 # ----------------------------------------------------------------------------- corpus and pairs
@@ -326,15 +332,32 @@ class BERT(nn.Module):
         and at those positions, so the last layer and the V-wide decoder run there alone: the same losses and
         gradients (tested), less work. Measured, 2 cores, mini, batch 32 x 128: 927 ms per training step, against
         2,145 ms with the last layer and the decoder at every position (2.3x)."""
+        x, pooled = self.encode(ids, seg, None if pos is None else F.pad(pos, (1, 0)))  # [CLS] (position 0), pos
+        h = x if pos is None else x[:, 1:]  # (B, T or P, H)
+        return self.decoder(self.mlm_ln(F.gelu(self.mlm_dense(h)))), self.nsp_head(pooled)  # (B, T or P, V), (B, 2)
+
+    def encode(self, ids, seg, idx=None):
+        """The encoder alone, for a head of your own: ids, seg (B, T) -> the last layer's hidden states (B, T, H)
+        (only at the positions idx (B, Tq), if given) and the pooled [CLS] vector (B, H). No V-wide logits."""
         mask = (ids != PAD)[:, None, None, :]  # (B, 1, 1, T) the keys a query may attend to
-        idx = None if pos is None else F.pad(pos, (1, 0))  # (B, 1 + P) [CLS] (position 0), then pos
         x = self.tok_emb(ids) + self.pos_emb.weight[: ids.size(1)] + self.seg_emb(seg)  # (B, T, H)
         x = dropout(self.emb_ln(x), self.p, self.training)  # (B, T, H)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, idx if i == len(self.layers) - 1 else None)  # (B, T or 1 + P, H)
-        nsp_logits = self.nsp_head(torch.tanh(self.pool(x[:, 0])))  # (B, 2)
-        h = x if pos is None else x[:, 1:]  # (B, T or P, H)
-        return self.decoder(self.mlm_ln(F.gelu(self.mlm_dense(h)))), nsp_logits  # (B, T or P, V)
+            x = layer(x, mask, idx if i == len(self.layers) - 1 else None)  # (B, T or Tq, H)
+        return x, torch.tanh(self.pool(x[:, 0]))  # (B, T or Tq, H), (B, H)
+
+class Classifier(nn.Module):
+    """BERT fine-tuned for a label per text or text pair (the paper's section 3.2), the layout of transformers'
+    BertForSequenceClassification: the pretrained encoder and pooler, dropout, one new linear layer; all trained."""
+
+    def __init__(self, cfg, n_labels):
+        super().__init__()
+        self.bert, self.p = BERT(cfg), cfg.dropout
+        self.classifier = nn.Linear(cfg.hidden, n_labels)
+        BERT._init(self.classifier)
+
+    def forward(self, ids, seg):  # ids, seg (B, T) -> logits (B, n_labels)
+        return self.classifier(dropout(self.bert.encode(ids, seg)[1], self.p, self.training))
 
 # Dropout on the CPU, made cheaper: torch draws one random number per element there, and that costs more than
 # the matmuls. Measured, 2 cores, mini, batch 32, 3 rounds: a training step takes ~930 ms with these two
@@ -358,7 +381,9 @@ def attention(q, k, v, mask, p):
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, total, cfg):
-    """Linear warm-up over the first `warmup` share of the steps, then linear decay to 0."""
+    """Linear warm-up over the first `warmup` share of the run, then linear decay to 0 at its end. In optimizer
+    steps; in seconds of training for a --budget run, whose schedule follows the clock (as in Geiping and
+    Goldstein 2022, "Cramming"): the run ends, its learning rate at 0, when the budget is spent."""
     warm = max(1, int(cfg.warmup * total))
     return cfg.lr * min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
 
@@ -367,7 +392,7 @@ def make_optimizer(model, cfg):
     other = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
     # fused: one kernel for all the parameters, and it honours found_inf, which train_step's guard relies on
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6, fused=True)
 
 def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls are far slower)
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -404,18 +429,19 @@ def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
     nsp_acc = (nsp_logits.argmax(-1) == nsp).sum() / n_seq
     return mlm + nsp_loss, torch.stack([mlm + nsp_loss, mlm, nsp_loss, mlm_acc, nsp_acc]).detach()
 
-def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1):
+def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1, norms=None):
     """One optimizer step on a batch (the same on every rank): this rank's share in grad_accum micro-batches,
-    clip, AdamW. -> pretraining_loss's stats, and 1.0 if the step was skipped; both stay on the device."""
+    clip, AdamW. norms: the whole batch's counts that loss_fn divides by (by default pretraining_loss's: masked
+    tokens, sequences). -> loss_fn's stats, and 1.0 if the step was skipped; both stay on the device."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    ids, seg, pos, labels, nsp = batch  # the whole batch, the same on every rank
-    B, n_mlm = len(ids), (labels != -100).sum()  # sequences and masked tokens: what the losses are divided by
+    B = len(batch[0])  # batch: the whole batch, the same on every rank (pretraining's: ids, seg, pos, labels, nsp)
+    norms = ((batch[3] != -100).sum(), B) if norms is None else norms
     mine = [t[rank * B // world : (rank + 1) * B // world].chunk(cfg.grad_accum) for t in batch]  # this rank's
     stats = 0
     for i, micro in enumerate(zip(*mine)):
         with model.no_sync() if world > 1 and i < cfg.grad_accum - 1 else nullcontext():  # all-reduce once, at the end
-            loss, s = loss_fn(model, *micro, n_mlm, B)
+            loss, s = loss_fn(model, *micro, *norms)
             (loss * world).backward()  # DDP averages the ranks' gradients; the batch's loss is their sum
         stats = stats + s
     norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
@@ -445,8 +471,9 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     val_pairs = None if val_pairs is None else val_pairs.to(device)
     pairs0 = pairs_or_die(corpus, train_docs, cfg, cfg.seed)  # epoch 0's
     N, steps_per_epoch = len(pairs0), math.ceil(len(pairs0) / B)  # pairs per epoch
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    step, history, saved = 0, [], None
+    total = math.inf if cfg.budget else cfg.max_steps or cfg.epochs * steps_per_epoch  # in steps
+    budget = 60 * cfg.budget or math.inf  # in seconds of training: evaluations and checkpoints don't count
+    step, history, saved, trained = 0, [], None, 0.0  # trained: seconds spent training
     if resume is not None:  # weights, moments and random generators: as if the run had never stopped
         if resume["n_train_pairs"] != N:
             die(f"--resume: this data gives {N} training pairs, the checkpoint's run had {resume['n_train_pairs']}; "
@@ -461,21 +488,23 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             say("note: the run moved between the CPU and a GPU: it goes on with other random masks (not bit-exact)")
         if device.type == "cuda" and resume["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(resume["rng"]["cuda"])
-        step, history, saved = resume["step"], resume["history"], resume["step"]
+        step, history, saved, trained = resume["step"], resume["history"], resume["step"], resume.get("trained_s", 0.0)
         if rank > 0:  # rank 0's dropout state was saved: the others draw new masks (exact with --dropout 0)
             torch.manual_seed(cfg.seed + rank + 1000 * step)
-    if step >= total:
-        say(f"the run in {cfg.out}/ had finished its {total} steps; to go on, --resume with more --epochs or "
-            "--max_steps")
+    if step >= total or trained >= budget:
+        say(f"the run in {cfg.out}/ had finished ({step} steps, {trained / 60:.1f} min); to go on, --resume with more "
+            "--epochs, --max_steps or --budget")
         return raw
     os.makedirs(cfg.out, exist_ok=True)
     say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per "
-        f"epoch, {steps_per_epoch} steps per epoch of {B} sequences, {total} steps")
+        f"epoch, {steps_per_epoch} steps per epoch of {B} sequences, " +
+        (f"{cfg.budget:g} minutes of training" if cfg.budget else f"{total} steps"))
     sums = torch.zeros(5, device=device)  # the steps' stats, summed over a log interval, on the device
     skipped, in_a_row, worst = (torch.zeros((), device=device) for _ in range(3))  # non-finite steps
     first, pairs, n_steps, t_data, t0 = step, None, 0, 0.0, time.time()
+    clock0 = t0 - trained  # trained = the time since clock0, which moves on by each pause to evaluate and save
     with stop_request() as stopped:
-        while step < total:
+        while step < total and trained < budget:
             # the batch: B of this epoch's pairs, as token ids, then masked; all on the device
             t, (epoch, i) = time.time(), divmod(step, steps_per_epoch)
             if i == 0 or pairs is None:  # new pairs each epoch (epoch 0's were made above)
@@ -485,15 +514,16 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)  # (B, T), (B, P), (B, P)
             t_data += time.time() - t
             # the step: learning rate, forward, backward, clip, AdamW (train_step)
-            lr = lr_at(step, total, cfg)
+            lr = lr_at(trained, budget, cfg) if cfg.budget else lr_at(step, total, cfg)
             stats, bad = train_step(model, optimizer, loss_fn, (x, seg, pos, labels, nsp), lr, cfg, rank, world)
-            step, n_steps = step + 1, n_steps + 1
+            step, n_steps, trained = step + 1, n_steps + 1, time.time() - clock0
             sums += torch.where(bad > 0, 0.0, stats)  # a skipped step's stats are not finite
             skipped, in_a_row = skipped + bad, (in_a_row + 1) * bad  # in_a_row: back to 0 after a good step
             worst = torch.maximum(worst, in_a_row)
             if cfg.compile and step == first + 1:
                 say(f"compile: {time.time() - t0:.1f} s (the first step)")
-            last_step, log_now, stop = step == total, step % cfg.log_every == 0, stopped[0] or step == stop_at
+            last_step, log_now = step == total or trained >= budget, step % cfg.log_every == 0
+            stop = stopped[0] or step == stop_at
             if world > 1 and log_now:  # the ranks must stop at the same step: they agree on it at log steps
                 flag = torch.tensor(float(stop), device=device)
                 dist.all_reduce(flag, dist.ReduceOp.MAX)
@@ -513,13 +543,16 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
                     say(f"warning: {int(skipped)} step(s) skipped, non-finite loss", file=sys.stderr)
                 dt, m = time.time() - t0, (sums / max(1, n_steps - int(skipped))).tolist()
                 rec = dict(step=step, loss=m[0], mlm_loss=m[1], nsp_loss=m[2], mlm_acc=m[3], nsp_acc=m[4], lr=lr,
-                           tok_per_s=n_steps * B * T / dt, data_share=t_data / dt)
-                say(f"step {step}/{total} | loss {m[0]:.4f} | mlm {m[1]:.4f} | nsp {m[2]:.4f} | mlm_acc {m[3]:.3f} | "
+                           tok_per_s=n_steps * B * T / dt, data_share=t_data / dt, trained_s=trained)
+                done = f"{trained / 60:.1f}/{cfg.budget:g} min" if cfg.budget else f"{total}"
+                say(f"step {step}/{done} | loss {m[0]:.4f} | mlm {m[1]:.4f} | nsp {m[2]:.4f} | mlm_acc {m[3]:.3f} | "
                     f"nsp_acc {m[4]:.3f} | lr {lr:.2e} | {rec['tok_per_s']:,.0f} tok/s | data {100 * t_data / dt:.1f}%")
                 if rank == 0:
                     log(cfg.out, rec)
                 sums, skipped, n_steps, t_data, t0 = sums.zero_(), skipped.zero_(), 0, 0.0, time.time()
             # evaluate and checkpoint: each epoch's end, every save_every steps, the end; not counted in tokens/s
+            if (evaluate_now or stop) and device.type == "cuda":
+                torch.cuda.synchronize()  # the queued steps count as training, not as the pause
             t_pause = time.time()
             if evaluate_now and val_pairs is not None and rank == 0:
                 m = evaluate(raw, tokens, val_pairs, cfg)
@@ -535,9 +568,10 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
                 save_checkpoint(os.path.join(cfg.out, "model.pt"), {
                     "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
-                    "tokenizer": tok.to_str(), "rng": rng, "step": step, "n_train_pairs": N, "history": history})
+                    "tokenizer": tok.to_str(), "rng": rng, "step": step, "n_train_pairs": N, "history": history,
+                    "trained_s": trained})
                 saved = step
-            t0 += time.time() - t_pause
+            t0, clock0 = t0 + time.time() - t_pause, clock0 + time.time() - t_pause
             if stop and not last_step:
                 say(f"stopped at step {step}; checkpoint saved in {cfg.out}/, continue with --resume", file=sys.stderr)
                 sys.exit(130)  # as for Ctrl-C
@@ -767,17 +801,134 @@ def load_checkpoint(folder):
     except Exception as e:  # truncated, foreign or from another program
         die(f"{path} is not a minibert checkpoint ({type(e).__name__}); retrain, or point --ckpt at another folder")
 
+def load_tokenizer(path):
+    """train --tokenizer: a minibert checkpoint (its folder or model.pt), a tokenizer.json (WordPiece, as export
+    writes) or a BERT vocab.txt (one token a line) -> the tokenizer, BERT's uncased pipeline, its specials first."""
+    if os.path.isdir(path) or path.endswith(".pt"):
+        return load_checkpoint(path)[1]
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocab = json.load(f)["model"]["vocab"] if path.endswith(".json") else f.read().splitlines()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        die(f"cannot read --tokenizer {path} ({getattr(e, 'strerror', None) or type(e).__name__}); pass a checkpoint "
+            "folder, a WordPiece tokenizer.json or a vocab.txt")
+    vocab = sorted(vocab, key=vocab.get) if isinstance(vocab, dict) else vocab  # tokens in id order
+    if missing := [t for t in SPECIALS if t not in vocab]:
+        die(f"--tokenizer {path} has no {' '.join(missing)}; minibert needs BERT's {' '.join(SPECIALS)}")
+    tok = wordpiece({t: i for i, t in enumerate(dict.fromkeys(SPECIALS + vocab))})  # the specials get the ids 0..4
+    tok.add_special_tokens(SPECIALS)  # "[MASK]" in a text is the token, not "[", "mask", "]" (as trained ones do)
+    return tok
+
 def load_weights(model, state, folder):  # weights named or shaped otherwise: one line, not a traceback
     try:
         model.load_state_dict(state["model"])
     except RuntimeError:
         die(f"the checkpoint in {folder} holds the weights of another version of minibert; retrain with this one")
 
-def load_model(folder, device):  # for demo and eval: the checkpoint's model, in eval mode
+def load_model(folder, device):  # for demo, eval and export: the model (a BERT or a Classifier), in eval mode
     state, tok, cfg = load_checkpoint(folder)
-    model = BERT(cfg)
+    model = Classifier(cfg, len(state["labels"])) if "labels" in state else BERT(cfg)
     load_weights(model, state, folder)
-    return model.to(device).eval(), tok, cfg
+    return model.to(device).eval(), tok, cfg, state
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+TEXT_COLUMNS = [("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
+                ("premise", "hypothesis"), ("sentence",), ("text",)]  # GLUE's files, and the common names
+
+def read_labelled(path, text_cols=None, label_col="label", names=None):
+    """A .tsv or .csv file with a header -> texts (tuples of one or two strings), label ids, label names, text
+    columns, rows skipped (a field empty or missing). Text columns: text_cols, else the first of TEXT_COLUMNS
+    the header has. names: the labels a model knows; else the file's, sorted (as numbers if all are integers)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            tsv = path.endswith(".tsv")  # GLUE's TSV files quote nothing: a quote is text
+            header, *rows = csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else 0)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: an empty file, no header
+        die(f"cannot read {path} ({getattr(e, 'strerror', None) or getattr(e, 'reason', None) or 'empty'}); pass a "
+            "UTF-8 .tsv or .csv file with a header")
+    cols = text_cols or next((c for c in TEXT_COLUMNS if set(c) <= set(header)), ())
+    if label_col not in header or not cols or not set(cols) <= set(header):
+        die(f"{path} has the columns {', '.join(header)}: it needs a {label_col!r} column (--label_col) and one or "
+            "two text columns (--text_cols; found by name: sentence, text, sentence1/sentence2, question/sentence...)")
+    at = [header.index(c) for c in (*cols, label_col)]
+    kept = [f for f in ([r[i].strip() for i in at] for r in rows if len(r) == len(header)) if all(f)]
+    labels = [f[-1] for f in kept]
+    numeric = all(v.lstrip("-").isdigit() for v in set(labels))
+    names = names or sorted(set(labels), key=int if numeric else str)
+    if unknown := set(labels) - set(names):
+        die(f"{path} has the label(s) {', '.join(sorted(unknown))}, which the model was not trained on "
+            f"(its labels: {', '.join(names)})")
+    index = {v: i for i, v in enumerate(names)}
+    return [tuple(f[:-1]) for f in kept], [index[v] for v in labels], names, cols, len(rows) - len(kept)
+
+def encode_texts(tok, texts, max_len):
+    """-> (ids, segment ids) per text, [CLS] a [SEP] or [CLS] a [SEP] b [SEP] as in pretraining, cut to max_len
+    tokens (the longer text first); and how many were cut."""
+    tok.enable_truncation(max_len)
+    enc = tok.encode_batch([t if len(t) == 2 else t[0] for t in texts])
+    tok.no_truncation()
+    return [(e.ids, e.type_ids) for e in enc], sum(len(e.overflowing) > 0 for e in enc)
+
+def padded(examples, device):  # [(ids, seg), ...] -> ids, seg (B, T): padded with 0 ([PAD], segment 0) to the
+    T = -(-max(len(ids) for ids, _ in examples) // 8) * 8  # longest, rounded up to 8: fewer shapes for the kernels
+    ids, seg = ([x + [PAD] * (T - len(x)) for x in col] for col in zip(*examples))
+    return torch.tensor(ids, device=device), torch.tensor(seg, device=device)
+
+def classify_loss(model, ids, seg, y, n):
+    """Cross-entropy summed over the batch, over n (as pretraining_loss). -> the loss, and (loss, accuracy)."""
+    with autocast(ids.device):
+        logits = model(ids, seg)  # (B, labels)
+    loss = F.cross_entropy(logits.float(), y, reduction="sum") / n
+    return loss, torch.stack([loss, (logits.argmax(-1) == y).sum() / n]).detach()
+
+@torch.no_grad()
+def evaluate_classifier(model, data, device, batch_size=256):  # data: (examples, label ids) -> loss, accuracy
+    (X, y), was_training = data, model.training
+    model.eval()
+    s = sum(classify_loss(model, *padded(X[i : i + batch_size], device), torch.tensor(y[i : i + batch_size],
+            device=device), len(X))[1] for i in range(0, len(X), batch_size))
+    model.train(was_training)
+    return dict(zip(("loss", "acc"), s.tolist()))
+
+def finetune(cfg, model, tok, data, val, meta, stop_at=None):
+    """Train a Classifier on data (examples, label ids): AdamW, warm-up and linear decay, clipping (train_step).
+    After each epoch, loss and accuracy on val; the best epoch's model is saved, with meta (its labels...)."""
+    device, B, N = torch.device(cfg.device), cfg.batch_size, len(data[0])
+    model.to(device).train()
+    optimizer, gen = make_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed)  # (gen: the data order)
+    total, step, best = cfg.epochs * math.ceil(N / B), 0, None
+    with stop_request() as stopped:
+        for epoch in range(cfg.epochs):
+            order, sums, n, t0, t_epoch = torch.randperm(N, generator=gen).tolist(), 0, 0, time.time(), time.time()
+            for i in range(0, N, B):
+                X, y = [data[0][j] for j in order[i : i + B]], [data[1][j] for j in order[i : i + B]]
+                lr = lr_at(step, total, cfg)
+                batch = (*padded(X, device), torch.tensor(y, device=device))
+                stats, bad = train_step(model, optimizer, classify_loss, batch, lr, cfg, norms=(len(y),))
+                step, n, sums = step + 1, n + 1, sums + stats
+                stop = stopped[0] or step == stop_at
+                if step % cfg.log_every == 0 or stop:
+                    (loss, acc), dt = (sums / n).tolist(), time.time() - t0
+                    print(f"step {step}/{total} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.2e} | {n * B / dt:,.0f} "
+                          "examples/s" + " | warning: a non-finite loss, lower --lr" * (not math.isfinite(loss)))
+                    sums, n, t0 = 0, 0, time.time()
+                if stop:
+                    break
+            m = {"epoch": round(step / total * cfg.epochs, 2), **evaluate_classifier(model, val, device)}
+            print(f"eval (epoch {m['epoch']:g}, {time.time() - t_epoch:.0f} s) step {step}: loss {m['loss']:.4f} | "
+                  f"acc {m['acc']:.4f}")
+            log(cfg.out, {"eval": step, **m})
+            if best is None or m["acc"] > best["acc"]:  # the best epoch is the model kept
+                best = m
+                save_checkpoint(os.path.join(cfg.out, "model.pt"), {"model": model.state_dict(), "eval": m, **meta,
+                                "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()})
+            if stop:
+                print(f"stopped at step {step}; the best model so far (epoch {best['epoch']:g}) is in {cfg.out}/",
+                      file=sys.stderr)
+                sys.exit(130)  # as for Ctrl-C
+    print(f"done: the best epoch, {best['epoch']:g} (held-out accuracy {best['acc']:.4f}), is in {cfg.out}/model.pt; "
+          f"try: python minibert.py demo \"a text\" --ckpt {cfg.out}")
 
 # ----------------------------------------------------------------------------- bench
 
@@ -854,22 +1005,23 @@ def hf_state_dict(sd, cfg):
     return out
 
 def export_hf(folder, to):
-    """A folder that transformers' BertForPreTraining.from_pretrained and AutoTokenizer load: tensors renamed
-    and a few JSON files (minibert does not import transformers)."""
-    state, tok, cfg = load_checkpoint(folder)
-    model = BERT(cfg)
-    load_weights(model, state, folder)  # a checkpoint of another version: one line, before anything is written
+    """A folder that transformers' BertForPreTraining (a classifier: BertForSequenceClassification).from_pretrained
+    and AutoTokenizer load: tensors renamed and a few JSON files (minibert does not import transformers)."""
+    model, tok, cfg, state = load_model(folder, "cpu")  # another version's checkpoint: one line, nothing written
+    labels, sd = state.get("labels"), model.state_dict()
+    arch = "BertForSequenceClassification" if labels else "BertForPreTraining"
     try:
         os.makedirs(to, exist_ok=True)
     except OSError as e:
         die(f"cannot create --to {to}: {e.strerror}")
-    config = {"architectures": ["BertForPreTraining"], "model_type": "bert", "vocab_size": cfg.vocab_size,
+    config = {"architectures": [arch], "model_type": "bert", "vocab_size": cfg.vocab_size,
               "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
               "intermediate_size": cfg.ffn, "hidden_act": "gelu", "hidden_dropout_prob": cfg.dropout,
               "attention_probs_dropout_prob": cfg.dropout, "max_position_embeddings": cfg.max_position,
               "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": PAD,
-              "tie_word_embeddings": True}
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position,
+              "tie_word_embeddings": True, **({"id2label": dict(enumerate(labels)), "label2id": {v: i for i, v in
+                                                  enumerate(labels)}} if labels else {})}
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_len,  # as trained
                   **dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIALS)),
                   "do_lower_case": True, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
     for name, obj in (("config.json", config), ("tokenizer_config.json", tok_config)):
@@ -879,10 +1031,14 @@ def export_hf(folder, to):
     with open(os.path.join(to, "vocab.txt"), "w", encoding="utf-8") as f:  # for the slow BertTokenizer
         f.write("\n".join(tok.id_to_token(i) for i in range(tok.get_vocab_size())) + "\n")
     from safetensors.torch import save_file
-    weights = {k: v.float().contiguous().clone() for k, v in hf_state_dict(model.state_dict(), cfg).items()}
+    if labels:  # the encoder's weights (BertForPreTraining's "bert."), and the classifier as it is named
+        hf = hf_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("bert.")}, cfg)
+        sd = {**{k: v for k, v in hf.items() if k.startswith("bert.")}, "classifier.weight": sd["classifier.weight"],
+              "classifier.bias": sd["classifier.bias"]}
+    weights = {k: v.float().contiguous().clone() for k, v in (sd if labels else hf_state_dict(sd, cfg)).items()}
     save_file(weights, os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
     os.chmod(os.path.join(to, "model.safetensors"), os.stat(os.path.join(to, "config.json")).st_mode)  # not 600
-    print(f"exported {folder} to {to}/; load it with transformers.BertForPreTraining.from_pretrained({to!r})")
+    print(f"exported {folder} to {to}/; load it with transformers.{arch}.from_pretrained({to!r})")
 
 # ----------------------------------------------------------------------------- command line
 
@@ -892,32 +1048,35 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"minibert: error: {message} (see: python {self.prog} --help)\n")
 
-def add_config_flags(p):
-    """Every Config field becomes a flag of the same name and type, its comment the help: they can't drift."""
+def add_config_flags(p, names=None, defaults={}):
+    """Every Config field (or those in names) becomes a flag of the same name and type, its comment the help:
+    they can't drift. defaults: what the help says where the command's default is not Config's."""
     helps = dict(re.findall(r"^    (\w+): \w+ = .+?  # (.+)$", inspect.getsource(Config), re.M))
-    for f in dataclasses.fields(Config):
-        h = f"{helps[f.name]} (default {f.default})".replace("%", "%%")
+    for f in (f for f in dataclasses.fields(Config) if names is None or f.name in names.split()):
+        h = f"{helps[f.name]} (default {defaults.get(f.name, f.default)})".replace("%", "%%")
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
             choices = DEVICES if f.name == "device" else None
             metavar = None if choices else f.type.__name__.upper()
             p.add_argument(f"--{f.name}", type=f.type, choices=choices, metavar=metavar, help=h)
-    presets = ", ".join(f"{k} ({n} x {h}, lr {lr:g})" for k, (n, h, lr) in PRESETS.items())
+    if names is not None:
+        return
+    presets = ", ".join(f"{k} ({n} x {h}, lr {lr:g})" for k, (n, h, lr, _) in PRESETS.items())
     p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; "
                    "explicit flags (--layers, --lr, ...) win (default mini)")
 
 RULES = [("layers hidden heads ffn vocab_size max_position max_len batch_size grad_accum epochs lr log_every "
           "save_every", lambda v: v > 0, "must be positive"),
-         ("dropout short_seq_prob warmup val_share", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+         ("dropout short_seq_prob warmup val_share beta2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
          ("mask_prob", lambda v: 0 < v < 1, "must be in (0, 1)"),
-         ("max_steps weight_decay grad_clip", lambda v: v >= 0, "must not be negative")]
+         ("max_steps budget weight_decay grad_clip", lambda v: 0 <= v < math.inf, "must be finite, not negative")]
 
 def build_config(args, base=None, world=1):
     """Defaults (or base), then the preset, then each flag given; checked: a bad value is one line."""
-    cfg = apply_preset(base or Config(), args.preset) if args.preset else base or Config()
+    cfg = apply_preset(base or Config(), args.preset) if getattr(args, "preset", None) else base or Config()
     cfg = dataclasses.replace(cfg, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
-                                      if getattr(args, f.name) is not None})
+                                      if getattr(args, f.name, None) is not None})
     for names, ok, rule in RULES:
         for name in (n for n in names.split() if not ok(getattr(cfg, n))):
             die(f"--{name} {rule}, not {getattr(cfg, name)}")
@@ -935,6 +1094,13 @@ def resolve_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         die("--device cuda, but torch sees no CUDA GPU; use --device cpu (or install a CUDA build of torch)")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+def writable(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "metrics.jsonl"), "a").close()
+    except OSError as e:
+        die(f"cannot write to --out {out} ({e.strerror}); pick another folder with --out")
 
 def cmd_train(args):
     if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs
@@ -955,6 +1121,11 @@ def cmd_train(args):
         die(f"{out}/ already holds a checkpoint; continue it with --resume, or pick a new folder with --out")
     else:
         cfg = build_config(args, world=world)
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer) if resume is None else die("--resume goes on with the run's tokenizer; "
+                                                                        "drop --tokenizer")
+    if cfg.budget and world > 1:
+        die("--budget runs in one process (the ranks' clocks would disagree); under torchrun, use --max_steps")
     torch.backends.cuda.matmul.allow_tf32 = True  # on CUDA, for what autocast leaves in fp32
     t0 = time.time()
     hub = {} if args.data else load_hub(cfg, ("train", "validation"))
@@ -963,16 +1134,13 @@ def cmd_train(args):
     else:  # hold out a share of the documents, whole
         docs = read_corpus(args.data) if args.data else hub["train"]
         train_docs, val_docs = split_docs(docs, cfg.val_share, cfg.seed)
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-        open(os.path.join(cfg.out, "metrics.jsonl"), "a").close()
-    except OSError as e:
-        die(f"cannot write to --out {cfg.out} ({e.strerror}); pick another folder with --out")
-    if resume is None:  # rank 0 trains the tokenizer (not deterministic) and sends it to every rank
+    writable(cfg.out)
+    if resume is None and not args.tokenizer:  # rank 0 trains the tokenizer (not deterministic), sends it to all
         tok = [train_tokenizer((s for d in train_docs for s in d), cfg.vocab_size).to_str() if rank == 0 else None]
         if world > 1:
             dist.broadcast_object_list(tok, 0)
         tok = Tokenizer.from_str(tok[0])
+    if resume is None:
         cfg = dataclasses.replace(cfg, vocab_size=tok.get_vocab_size())
     t_tok = time.time() - t0
     # (rank 0 writes the cache, and only for a new run: a resume with other text must not leave one in the run's folder)
@@ -986,10 +1154,17 @@ def cmd_train(args):
     train(cfg, tok, corpus, range(n), val_pairs if len(val_pairs) else None, resume)
 
 def cmd_demo(args):
-    text = re.sub(r"\[mask\]", "[MASK]", args.text, flags=re.IGNORECASE)  # [mask] is meant too
+    model, tok, cfg, state = load_model(args.ckpt, resolve_device(args.device))
+    if "labels" in state:  # a classifier: each label's probability
+        if len(args.text) > 2:
+            die("a classifier reads one text or a pair: put each in quotes")
+        x = padded(encode_texts(tok, [tuple(args.text)], cfg.max_len)[0], next(model.parameters()).device)
+        with torch.no_grad():
+            probs = model(*x)[0].float().softmax(-1).tolist()
+        return print("  ".join(f"{name} {p:.3f}" for name, p in zip(state["labels"], probs)))
+    text = re.sub(r"\[mask\]", "[MASK]", " ".join(args.text), flags=re.IGNORECASE)  # [mask] is meant too
     if "[MASK]" not in text:
         die('the text has no [MASK]; try: python minibert.py demo "the [MASK] sat on the mat ."')
-    model, tok, cfg = load_model(args.ckpt, resolve_device(args.device))
     guesses, windows = fill_mask(model, tok, text, cfg.max_len, args.top_k)
     if windows > 1:
         print(f"note: the text is longer than the model's {cfg.max_len} tokens: it was read in {windows} windows, "
@@ -999,13 +1174,51 @@ def cmd_demo(args):
 
 def cmd_eval(args):
     device = resolve_device(args.device)
-    model, tok, cfg = load_model(args.ckpt, device)
+    model, tok, cfg, state = load_model(args.ckpt, device)
+    if "labels" in state:  # a classifier: its accuracy on a labelled file
+        if not args.data:
+            die(f"{args.ckpt} is a classifier: pass --data FILE, a .tsv or .csv file with its {state['columns'][-1]!r} column")
+        texts, y, *_ = read_labelled(args.data[0], state["columns"][:-1], state["columns"][-1], state["labels"])
+        m = {**evaluate_classifier(model, (encode_texts(tok, texts, cfg.max_len)[0], y), device), "examples": len(y)}
+        return print(json.dumps(m) if args.json else f"{len(y)} examples | loss {m['loss']:.4f} | acc {m['acc']:.4f}")
     docs = read_corpus(args.data) if args.data else load_hub(cfg, ("validation",))["validation"]
     corpus, _ = cached_corpus(tok, docs, args.ckpt)
     pairs = pairs_or_die(corpus, range(len(docs)), cfg, cfg.seed + 1)
     m = {**evaluate(model, corpus.ids.to(device), pairs.to(device), cfg), "pairs": len(pairs)}
     print(json.dumps(m) if args.json else f"{len(pairs)} pairs | mlm_loss {m['mlm_loss']:.4f} | "
           f"mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
+
+FINETUNE = dict(epochs=3, batch_size=32, dropout=0.1, warmup=0.1, val_share=0.1, log_every=100, grad_accum=1,
+                max_steps=0, budget=0, compile=False)  # and the preset's fine-tuning lr (PRESETS)
+
+def cmd_finetune(args):
+    state, tok, saved = load_checkpoint(args.ckpt)
+    if "labels" in state:
+        die(f"{args.ckpt} holds a fine-tuned classifier; pass a pretrained checkpoint (train's --out)")
+    lr = next((v[3] for v in PRESETS.values() if v[:2] == (saved.layers, saved.hidden)), 1e-4)  # the preset's rate
+    cfg = build_config(args, dataclasses.replace(saved, lr=lr, device="auto", out="finetuned", **FINETUNE))
+    if os.path.exists(os.path.join(cfg.out, "model.pt")):
+        die(f"{cfg.out}/ already holds a checkpoint; pick a new folder with --out")
+    texts, y, names, cols, skipped = read_labelled(args.data, args.text_cols, args.label_col)
+    if len(names) < 2:
+        die(f"{args.data} has one label only ({names[0] if names else 'no rows'}); a classifier needs two or more")
+    if args.val:
+        val = read_labelled(args.val, cols, args.label_col, names)
+    else:  # a seeded share of the rows, held out
+        order, k = random.Random(cfg.seed).sample(range(len(y)), len(y)), max(1, round(cfg.val_share * len(y)))
+        val = [texts[i] for i in order[:k]], [y[i] for i in order[:k]]
+        texts, y = [texts[i] for i in order[k:]], [y[i] for i in order[k:]]
+    (X, cut), (V, cut_val) = encode_texts(tok, texts, cfg.max_len), encode_texts(tok, val[0], cfg.max_len)
+    print(f"data: {len(X)} training and {len(V)} held-out examples | labels {', '.join(names)} | text {' + '.join(cols)}"
+          f" | {cut + cut_val} cut to {cfg.max_len} tokens | {skipped} rows skipped (a field empty or missing)\n"
+          f"{'from random initialisation (--scratch)' if args.scratch else f'from {args.ckpt}'} | config: "
+          f"{json.dumps(dataclasses.asdict(cfg))}")
+    torch.manual_seed(cfg.seed)
+    model = Classifier(cfg, len(names))
+    if not args.scratch:
+        load_weights(model.bert, state, args.ckpt)
+    writable(cfg.out)
+    finetune(cfg, model, tok, (X, y), (V, val[1]), {"labels": names, "columns": [*cols, args.label_col]})
 
 def cmd_bench(args):
     r = bench(build_config(args), args.steps)
@@ -1021,21 +1234,35 @@ def main(argv=None):
                 "bench": (cmd_bench, "time the training step on synthetic batches"),
                 "demo": (cmd_demo, "fill in the [MASK]s of a sentence"),
                 "eval": (cmd_eval, "MLM loss/accuracy and NSP accuracy on a text"),
-                "export": (lambda a: export_hf(a.ckpt, a.to), "write a Hugging Face transformers folder")}
-    t, b, d, e, x = (sub.add_parser(name, allow_abbrev=False, help=h) for name, (_, h) in commands.items())
+                "export": (lambda a: export_hf(a.ckpt, a.to), "write a Hugging Face transformers folder"),
+                "finetune": (cmd_finetune, "fine-tune a pretrained checkpoint to classify texts or text pairs")}
+    t, b, d, e, x, f = (sub.add_parser(name, allow_abbrev=False, help=h) for name, (_, h) in commands.items())
     for q in (t, b):
         add_config_flags(q)
     for q, default in ((t, "the hub dataset, --dataset"), (e, "the hub dataset's validation split")):
         q.add_argument("--data", nargs="+", action="extend", metavar="FILE", help="local text (WikiText layout; .txt, "
                        f".gz or .parquet) or the Cornell Movie-Dialogs folder; may be repeated (default {default})")
     t.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    t.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer, not a new one: a checkpoint (folder or "
+                   "model.pt), a tokenizer.json or a BERT vocab.txt (two recipes compared need one vocabulary)")
     b.add_argument("--steps", type=int, default=20, help="timed steps, after 5 warm-up steps (default 20)")
-    d.add_argument("text")
+    d.add_argument("text", nargs="+", help="a text with [MASK]s; for a classifier, a text or two (a pair)")
     d.add_argument("--top_k", type=int, default=5, help="guesses per [MASK] (default 5)")
     x.add_argument("--to", required=True, metavar="DIR")
     for q in (b, e):
         q.add_argument("--json", action="store_true", help="print one JSON object")
-    for q in (d, e, x):
+    add_config_flags(f, "lr epochs batch_size dropout warmup beta2 weight_decay grad_clip grad_accum val_share seed "
+                     "log_every max_len device out", {**FINETUNE, "lr": "the preset's: " + ", ".join(
+                         f"{k} {v[3]:g}" for k, v in PRESETS.items()), "out": "finetuned"})
+    f.add_argument("--data", required=True, metavar="FILE", help="labelled training data: a .tsv or .csv file with "
+                   "a header, as GLUE's: a label column and one or two text columns (found by name, or --text_cols)")
+    f.add_argument("--val", metavar="FILE", help="held-out data, as --data (default: --val_share of --data's rows)")
+    f.add_argument("--text_cols", nargs="+", metavar="COL", help="the text column, or two for pairs (default: the "
+                   f"first found of {', '.join('/'.join(c) for c in TEXT_COLUMNS)})")
+    f.add_argument("--label_col", default="label", metavar="COL", help="the label column (default label)")
+    f.add_argument("--scratch", action="store_true", help="the same model and tokenizer from random "
+                   "initialisation, not the pretrained weights: the baseline that says what pretraining bought")
+    for q in (d, e, x, f):
         q.add_argument("--ckpt", default="out", metavar="DIR", help="checkpoint folder (default out)")
     for q in (d, e):
         q.add_argument("--device", choices=DEVICES, default="auto")

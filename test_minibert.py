@@ -241,7 +241,7 @@ def test_tied_decoder_survives_save_and_load(tmp_path, tok):
         model.tok_emb.weight[7] += 1.0  # a change to the embedding is a change to the decoder
     assert torch.equal(model.decoder.weight[7], model.tok_emb.weight[7])
     write_checkpoint(tmp_path, model, cfg, tok)
-    loaded, _, _ = mb.load_model(str(tmp_path), "cpu")
+    loaded = mb.load_model(str(tmp_path), "cpu")[0]
     assert loaded.decoder.weight is loaded.tok_emb.weight
     ids = torch.tensor([[CLS, 10, MASK, 12, SEP]])
     assert torch.equal(model.eval()(ids, torch.zeros_like(ids))[0], loaded(ids, torch.zeros_like(ids))[0])
@@ -590,6 +590,19 @@ def cli(tmp_path_factory):
                   "--batch_size", "8", "--max_steps", "6", "--log_every", "2", "--out", ckpt, env=cpu)
     assert trained.returncode == 0, trained.stderr
     (d / "empty.txt").write_text("")
+    rows = ["sentence\tlabel", *(f"{t[0]}\t{'pos' if y else 'neg'}" for t, y in labelled(60)), "\tpos", "the cat " * 40 + "\tneg"]
+    (d / "task.tsv").write_text("\n".join(rows) + "\n")  # with an empty text, and one longer than max_len
+    ft = str(d / "ft")
+    tuned = run("finetune", "--ckpt", ckpt, "--data", str(d / "task.tsv"), "--out", ft, "--epochs", "2", "--batch_size", "8",
+                "--log_every", "4", env=cpu)
+    assert tuned.returncode == 0, tuned.stderr
+    (d / "stars.tsv").write_text("sentence\tstars\nthe cat sat\t1\n")
+    (d / "body.csv").write_text("body,label\nthe cat sat,1\n")
+    (d / "one_class.csv").write_text("text,label\nthe cat sat,1\nthe dog ran,1\n")
+    (d / "maybe.tsv").write_text("sentence\tlabel\nthe cat sat\tmaybe\n")
+    (d / "latin1.tsv").write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("iso-8859-1"))
+    (d / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n")
+    (d / "bpe.json").write_text('{"model": {"type": "BPE", "merges": []}}')
     (d / "latin1.txt").write_bytes("caf\xe9 au lait . Encore .\n".encode("iso-8859-1"))
     (d / "one.txt").write_text("Just one sentence here .\n")
     (d / "rand.gz").write_bytes(b"not gzip")
@@ -615,8 +628,28 @@ def cli(tmp_path_factory):
     half_cornell = d / "cornell"  # movie_lines.txt without movie_conversations.txt
     half_cornell.mkdir()
     (half_cornell / "movie_lines.txt").write_text("L1 +++$+++ u0 +++$+++ m0 +++$+++ A +++$+++ Hi .\n")
-    c = str(corpus)
+    c, task = str(corpus), str(d / "task.tsv")
     cases = {
+        "ft_demo": ["demo", "a bright day", "--ckpt", ft],
+        "ft_eval": ["eval", "--data", task, "--ckpt", ft, "--json"],
+        "ft_export": ["export", "--ckpt", ft, "--to", str(d / "ft_hf")],
+        "ft_demo_three": ["demo", "a", "b", "c", "--ckpt", ft],
+        "ft_eval_no_data": ["eval", "--ckpt", ft],
+        "ft_no_label": ["finetune", "--ckpt", ckpt, "--data", str(d / "stars.tsv"), "--out", str(d / "f1")],
+        "ft_no_text": ["finetune", "--ckpt", ckpt, "--data", str(d / "body.csv"), "--out", str(d / "f2")],
+        "ft_one_class": ["finetune", "--ckpt", ckpt, "--data", str(d / "one_class.csv"), "--out", str(d / "f3")],
+        "ft_unseen_label": ["finetune", "--ckpt", ckpt, "--data", task, "--val", str(d / "maybe.tsv"), "--out", str(d / "f4")],
+        "ft_not_utf8": ["finetune", "--ckpt", ckpt, "--data", str(d / "latin1.tsv"), "--out", str(d / "f5")],
+        "ft_empty_file": ["finetune", "--ckpt", ckpt, "--data", str(d / "empty.txt"), "--out", str(d / "f6")],
+        "ft_missing_file": ["finetune", "--ckpt", ckpt, "--data", str(d / "nope.tsv"), "--out", str(d / "f7")],
+        "ft_ckpt_classifier": ["finetune", "--ckpt", ft, "--data", task, "--out", str(d / "f8")],
+        "ft_ckpt_foreign": ["finetune", "--ckpt", str(bad), "--data", task, "--out", str(d / "f9")],
+        "ft_existing_out": ["finetune", "--ckpt", ckpt, "--data", task, "--out", ft],
+        "tok_missing": ["train", "--data", c, "--tokenizer", str(d / "nowhere.txt"), "--out", str(d / "t1")],
+        "tok_no_specials": ["train", "--data", c, "--tokenizer", str(d / "vocab.txt"), "--out", str(d / "t2")],
+        "tok_not_json": ["train", "--data", c, "--tokenizer", str(d / "bpe.json"), "--out", str(d / "t3")],
+        "tok_resume": ["train", "--data", c, "--resume", "--out", ckpt, "--tokenizer", ckpt],
+        "budget_inf": ["train", "--data", c, "--budget", "inf"],
         "demo": ["demo", "the [MASK] sat on the [MASK] .", "--ckpt", ckpt],
         "demo_odd": ["demo", "caf\xe9  \U0001F600 [MASK][MASK]   " + "x" * 300 + " [MASK]", "--ckpt", ckpt, "--top_k", "3"],
         "demo_long": ["demo", "the [MASK] sat . " + "the cat sat . " * 40 + "the [MASK] sat .", "--ckpt", ckpt],
@@ -688,7 +721,7 @@ def cli(tmp_path_factory):
     results = run_many(cases, env)
     p = run(*cases["unknown_flag"], env=env)  # and once as a plain `python minibert.py ...`, to be sure
     assert (p.returncode, p.stdout, p.stderr) == results["unknown_flag"]
-    return {"trained": trained, "ckpt": ckpt, "out": d, **results}
+    return {"trained": trained, "ckpt": ckpt, "out": d, "tuned": tuned, **results}
 
 
 def test_cli_train_writes_checkpoint_and_log(cli):
@@ -750,7 +783,7 @@ def test_cli_eval_repeats(cli):
 def test_cli_resume_of_a_finished_run_says_so_and_uses_the_cache(cli):
     code, out, err = cli["resume_finished"]
     assert code == 0, err
-    assert "corpus cached" in out and "had finished its 6 steps" in out and "--max_steps" in out
+    assert "corpus cached" in out and "had finished (6 steps" in out and "--max_steps" in out
 
 
 def test_cli_data_given_twice_reads_both(cli):
@@ -816,7 +849,29 @@ def test_interrupt_while_loading_data_exits_130(monkeypatch, capsys):
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
 
 
+def test_cli_finetune_then_demo_eval_export(cli):
+    """finetune says what it did with the rows (one empty, skipped; one cut to max_len) and keeps the best epoch;
+    demo prints each label's probability, eval the accuracy; export names the labels for transformers."""
+    out = cli["tuned"].stdout
+    assert "60 rows" not in out and "1 rows skipped" in out and "1 cut to 48 tokens" in out and "labels neg, pos" in out
+    assert "eval (epoch 2" in out and "done: the best epoch" in out
+    code, out, _ = cli["ft_demo"]
+    probs = dict(zip(out.split()[::2], map(float, out.split()[1::2])))
+    assert code == 0 and set(probs) == {"neg", "pos"} and abs(sum(probs.values()) - 1) < 2e-3
+    code, out, _ = cli["ft_eval"]
+    m = json.loads(out)
+    assert code == 0 and m["examples"] == 61 and 0 <= m["acc"] <= 1  # 60 rows and the long one (the empty is skipped)
+    config = json.load(open(os.path.join(cli["out"], "ft_hf", "config.json")))
+    assert config["architectures"] == ["BertForSequenceClassification"] and config["id2label"] == {"0": "neg", "1": "pos"}
+
+
 BAD = {  # case -> what the one-line message must mention
+    "ft_demo_three": "one text or a pair", "ft_eval_no_data": "pass --data FILE", "ft_no_label": "needs a 'label' column",
+    "ft_no_text": "two text columns", "ft_one_class": "one label only", "ft_unseen_label": "maybe, which the model was not",
+    "ft_not_utf8": "pass a UTF-8 .tsv", "ft_empty_file": "cannot read", "ft_missing_file": "No such file",
+    "ft_ckpt_classifier": "holds a fine-tuned classifier", "ft_ckpt_foreign": "not a minibert checkpoint",
+    "ft_existing_out": "already holds a checkpoint", "tok_missing": "cannot read --tokenizer", "tok_no_specials": "has no [MASK]",
+    "tok_not_json": "cannot read --tokenizer", "tok_resume": "drop --tokenizer", "budget_inf": "--budget must be finite",
     "no_mask": "no [MASK]", "empty_text": "no [MASK]", "no_ckpt": "train one first", "foreign_ckpt": "not a minibert checkpoint",
     "truncated_ckpt": "not a minibert checkpoint", "old_version_ckpt": "another version of minibert",
     "old_version_demo": "another version of minibert", "old_version_export": "another version of minibert", "data_missing": "does not exist",
@@ -825,7 +880,7 @@ BAD = {  # case -> what the one-line message must mention
     "unknown_flag": "unrecognized arguments: --bogus 1 (see: python minibert.py train --help)", "bad_type": "invalid int value",
     "zero_batch": "--batch_size must be positive", "batch_not_multiple": "must be a multiple of",
     "negative_epochs": "--epochs must be positive", "zero_lr": "--lr must be positive",
-    "abbreviated_flag": "unrecognized arguments: --max_step", "negative_max_steps": "--max_steps must not be negative",
+    "abbreviated_flag": "unrecognized arguments: --max_step", "negative_max_steps": "--max_steps must be finite, not negative",
     "bad_preset": "invalid choice", "unwritable_out": "cannot write", "existing_out": "--resume",
     "resume_other_shape": "hidden 128, not 64", "no_hub": "--data FILE", "top_k_zero": "--top_k",
     "heads_mismatch": "not divisible", "max_len_too_long": "--max_len must be between", "dropout_range": "--dropout must be in",
@@ -841,6 +896,122 @@ def test_cli_bad_input_is_one_clean_line(cli, case):
     assert code != 0
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert BAD[case] in err
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+
+def labelled(n, seed=0, pairs=False):
+    """A synthetic task: label 1 if the text holds "bright", 0 if it holds "dark" (pairs: in the second text)."""
+    rng, plain, rows = random.Random(seed), [w for w in WORDS if w not in ("bright", "dark")], []
+    for _ in range(n):
+        words, y = [rng.choice(plain) for _ in range(rng.randint(3, 9))], rng.randint(0, 1)
+        words.insert(rng.randint(0, len(words)), ("dark", "bright")[y])
+        rows.append(((" ".join(rng.choice(plain) for _ in range(2)), " ".join(words)) if pairs else (" ".join(words),), y))
+    return rows
+
+
+def test_finetune_learns_a_pair_task_and_keeps_the_best_epoch(tmp_path, tok):
+    """From random weights, 60 steps of 16 pairs take a classifier from chance to >= 0.95 held-out accuracy on a
+    task that needs the second text; the checkpoint holds the best epoch and the label names."""
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), dropout=0.1, lr=3e-3, epochs=3, batch_size=16,
+                              log_every=10, out=str(tmp_path))
+    (X, y), (V, w) = ((mb.encode_texts(tok, [t for t, _ in rows], cfg.max_len)[0], [lab for _, lab in rows])
+                      for rows in (labelled(320, 0, True), labelled(100, 1, True)))
+    torch.manual_seed(0)
+    model = mb.Classifier(cfg, 2)
+    assert abs(mb.evaluate_classifier(model, (V, w), "cpu")["acc"] - 0.5) < 0.15  # chance before
+    mb.finetune(cfg, model, tok, (X, y), (V, w), {"labels": ["dark", "bright"], "columns": ["a", "b", "label"]})
+    state = mb.load_checkpoint(str(tmp_path))[0]
+    log = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert state["labels"] == ["dark", "bright"] and state["eval"]["acc"] == max(r["acc"] for r in log) >= 0.95
+    loaded = mb.load_model(str(tmp_path), "cpu")[0]
+    assert isinstance(loaded, mb.Classifier) and mb.evaluate_classifier(loaded, (V, w), "cpu")["acc"] >= 0.95
+
+
+def test_encode_texts_pairs_segments_and_cuts(tok):
+    """A pair is [CLS] a [SEP] b [SEP] with segment ids 0 then 1, as pretraining's pairs; a text longer than
+    max_len is cut to it, and counted."""
+    (pair, one), cut = mb.encode_texts(tok, [("the cat sat", "on the old mat ."), ("the dog ran",)], 48)
+    a, b = (tok.encode(t, add_special_tokens=False).ids for t in ("the cat sat", "on the old mat ."))
+    assert pair[0] == [CLS, *a, SEP, *b, SEP] and pair[1] == [0] * (len(a) + 2) + [1] * (len(b) + 1) and cut == 0
+    assert one[0][0] == CLS and one[0][-1] == SEP and set(one[1]) == {0}
+    (long_pair, _), cut = mb.encode_texts(tok, [("the cat sat " * 9, "on the mat ."), ("the dog ran",)], 12)
+    assert cut == 1 and len(long_pair[0]) == 12 and long_pair[0].count(SEP) == 2 and long_pair[1][-1] == 1
+    ids, seg = mb.padded([pair, one], "cpu")
+    assert ids.shape == seg.shape == (2, 16) and (ids[1, len(one[0]) :] == PAD).all()
+
+
+def test_finetune_starts_from_the_checkpoint_and_scratch_does_not(tmp_path, tok, monkeypatch):
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size())
+    torch.manual_seed(1)
+    write_checkpoint(tmp_path, mb.BERT(cfg), cfg, tok)
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"{t[0]},{'pos' if y else 'neg'}\n" for t, y in labelled(20)))
+    models = []
+    monkeypatch.setattr(mb, "finetune", lambda cfg, model, *a: models.append(model))
+    for extra in ([], ["--scratch"]):
+        mb.main(["finetune", "--ckpt", str(tmp_path), "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "ft"),
+                 "--device", "cpu", *extra])
+    pretrained = mb.load_checkpoint(str(tmp_path))[0]["model"]
+    for name, p in models[0].bert.state_dict().items():
+        assert torch.equal(p, pretrained[name]), name
+    assert not torch.equal(models[1].bert.tok_emb.weight, pretrained["tok_emb.weight"])
+    assert torch.equal(models[0].classifier.weight, models[1].classifier.weight)  # the same new layer (seed)
+
+
+# ---------------------------------------------------------------------------- a time budget, a given tokenizer
+
+
+def test_budget_schedule_follows_the_clock_and_resumes(tmp_path, tok, docs, monkeypatch):
+    """A fake clock: each step takes 2 s, each evaluation 100 s. A 30-second budget is 15 steps, each at the
+    learning rate of the time trained so far; evaluations don't count. Stopped at step 5 and resumed, the run
+    goes on from 10 s of training to the same end."""
+    clock = [1000.0]
+    monkeypatch.setattr(mb, "time", type("FakeTime", (), {"time": staticmethod(lambda: clock[0])}))
+    lrs, step, evaluate = [], mb.train_step, mb.evaluate
+
+    def slow_step(model, opt, loss_fn, batch, lr, cfg, *a):
+        clock[0] += 2.0
+        lrs.append(lr)
+        return step(model, opt, loss_fn, batch, lr, cfg, *a)
+
+    def slow_evaluate(*a):
+        clock[0] += 100.0
+        return evaluate(*a)
+    monkeypatch.setattr(mb, "train_step", slow_step)
+    monkeypatch.setattr(mb, "evaluate", slow_evaluate)
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), max_len=32, batch_size=8, budget=0.5, log_every=4,
+                              out=str(tmp_path / "a"))
+    corpus = mb.encode_corpus(tok, docs)
+    val = mb.make_pairs(corpus, range(len(docs)), cfg.max_len, 99)[:8]
+    mb.train(cfg, tok, corpus, range(len(docs)), val)
+    assert lrs == [mb.lr_at(2.0 * i, 30.0, cfg) for i in range(15)] and lrs[-1] < 0.1 * cfg.lr
+    assert mb.load_checkpoint(cfg.out)[0]["trained_s"] == 30.0 and max(lrs) == cfg.lr
+    lrs.clear()
+    b = dataclasses.replace(cfg, out=str(tmp_path / "b"))
+    with pytest.raises(SystemExit):
+        mb.train(b, tok, corpus, range(len(docs)), val, stop_at=5)
+    state = mb.load_checkpoint(b.out)[0]
+    assert state["step"] == 5 and state["trained_s"] == 10.0
+    mb.train(b, tok, corpus, range(len(docs)), val, resume=state)
+    assert lrs == [mb.lr_at(2.0 * i, 30.0, cfg) for i in range(15)]
+
+
+def test_tokenizer_from_each_source_is_the_same(tmp_path, tok):
+    """--tokenizer: a checkpoint folder, its model.pt, the tokenizer.json and the vocab.txt that export writes
+    all give the tokenizer the checkpoint was trained with; a vocab.txt in another order (bert-base-uncased's:
+    [PAD] 0, [UNK] 100, ...) gets its specials moved to the ids 0..4 that minibert expects."""
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size())
+    write_checkpoint(tmp_path, mb.BERT(cfg), cfg, tok)
+    mb.export_hf(str(tmp_path), str(tmp_path / "hf"))
+    text = "The [MASK] sat on the mat , [UNK] ; café !"
+    for src in ("", "model.pt", "hf/tokenizer.json", "hf/vocab.txt"):
+        assert mb.load_tokenizer(str(tmp_path / src)).encode(text).ids == tok.encode(text).ids, src
+    vocab = [tok.id_to_token(i) for i in range(tok.get_vocab_size())]
+    (tmp_path / "bert.txt").write_text("\n".join(["[PAD]", "[unused0]", *vocab[5:50], "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    other = mb.load_tokenizer(str(tmp_path / "bert.txt"))
+    assert [other.token_to_id(t) for t in mb.SPECIALS] == [0, 1, 2, 3, 4] and other.get_vocab_size() == 51
+    assert other.encode("the [MASK]").ids[-2:] == [MASK, SEP] and other.encode("x").ids[0] == CLS
 
 
 # ---------------------------------------------------------------------------- export to Hugging Face
