@@ -12,12 +12,12 @@ jointly with their losses summed: masked-language modelling (MLM) and next-sente
     torchrun --nproc_per_node 4 minibert.py train     # several GPUs: DistributedDataParallel
 
 It reads in the order the data flows: config, tokenizer, corpus and pairs, masking, model, training,
-demo. Then what the command line adds: evaluation and checkpoints, reading files and the hub, bench,
-export, the CLI itself.
+demo. Then what the command line adds: evaluation and checkpoints, reading files and the hub,
+fine-tuning, bench, export, the CLI itself.
 
 Left out on purpose: a Trainer class with callbacks, output objects, head pruning, cross-attention
 and key/value caches, whole-word masking, the paper's second phase at 512 tokens (a separate
---max_len 512 run), and fine-tuning heads (export to transformers for those).
+--max_len 512 run), and fine-tuning heads beyond a classifier (export to transformers for those).
 
 References: Devlin et al. 2018, "BERT" (arXiv:1810.04805); Turc et al. 2019, "Well-Read Students
 Learn Better" (the size presets); google-research/bert, create_pretraining_data.py.
@@ -110,8 +110,7 @@ def wordpiece(vocab=None):
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")  # "play ##ing" -> "playing"
     tok.post_processor = processors.TemplateProcessing(  # with the segment ids (type_ids) 0 for a, 1 for b
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)]
-    )
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
     return tok
 
 def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
@@ -150,8 +149,7 @@ def encode_corpus(tok, docs):
     cache = {w: array("i", e.ids).tobytes() for w, e in zip(words, encoded)}  # word -> its ids as int32 bytes
     parts = []  # each sentence's ids as int32 bytes
     for i, s in enumerate(texts):
-        odd = ODD_SPACE.search(s)
-        parts.append(array("i", tok.encode(s, add_special_tokens=False).ids).tobytes() if odd else
+        parts.append(array("i", tok.encode(s, add_special_tokens=False).ids).tobytes() if ODD_SPACE.search(s) else
                      b"".join(map(cache.__getitem__, s.split())))
         if len(texts) > 500_000 and i % (len(texts) // 10) == 0:  # a progress line per 10 % of a large corpus
             print(f"tokenizing: {i:,} of {len(texts):,} sentences", file=sys.stderr)
@@ -623,9 +621,8 @@ def evaluate(model, tokens, pairs, cfg, batch_size=64):
             "top_share": float(counts.max() / n)}
 
 def health_warning(history, m):
-    """A warning if evaluation m shows the run going wrong, else None. The plateau before the MLM accuracy
-    climbs (one token, "the" or ",", predicted almost everywhere, for epochs) is normal and does not warn;
-    a collapse is a return to one token after the model had left the plateau (top_share <= 0.9)."""
+    """A warning if evaluation m shows the run collapsing or diverging, else None. The plateau before MLM accuracy
+    climbs (one token, "the" or ",", predicted almost everywhere, for epochs) is normal; a collapse returns to it."""
     best_acc = max([h["mlm_acc"] for h in history if h["top_share"] <= 0.9] or [0])
     best_loss = min([h["mlm_loss"] for h in history] or [1e9])
     if m["top_share"] > 0.9 and m["mlm_acc"] < 0.8 * best_acc:
@@ -657,7 +654,6 @@ def stop_request():
     """Ctrl-C or SIGTERM sets stop[0]; the loop saves and exits between steps, never mid-update (under
     torchrun, at the next log step, so that every rank stops at the same one). A second Ctrl-C aborts."""
     stop = [False]
-
     def handle(sig, frame):
         if stop[0]:
             raise KeyboardInterrupt
@@ -686,8 +682,7 @@ def is_title(s):  # " = Title = " starts an article; " = = Section = = " is a he
     return s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
 
 def parse_wikitext(lines):
-    """WikiText layout -> documents (lists of sentences). A file without title lines: blank lines separate
-    documents."""
+    """WikiText layout -> documents (lists of sentences); in a file without title lines, blank lines end them."""
     lines = [line.strip() for line in lines]
     titled, docs = any(map(is_title, lines)), [[]]
     for s in lines:
@@ -750,25 +745,22 @@ def load_hub(cfg, splits):
             "offline, pass --data FILE")
     if splits[0] not in ds or "text" not in ds[splits[0]].column_names:
         die(f"{cfg.dataset} has no {splits[0]} split with a 'text' column; pass --data FILE")
-    out = {}
-    for split in (s for s in splits if s in ds):
-        rows = ds[split]["text"]
+    def docs(rows):  # without title lines: a blank line after each row, which ends a document
         titled = any(is_title(r.strip()) for r in rows[:1000])
-        out[split] = parse_wikitext(rows if titled else [line for r in rows for line in (r.replace("\n", " "), "")])
-    return out
+        return parse_wikitext(rows if titled else [line for r in rows for line in (r.replace("\n", " "), "")])
+    return {split: docs(ds[split]["text"]) for split in splits if split in ds}
 
-def split_docs(docs, share, seed):
-    """-> (training documents, held-out documents): a share of them, whole, at random (none if too few)."""
-    docs = docs[:]
-    random.Random(seed).shuffle(docs)
+def split_docs(docs, cfg):
+    """-> (training documents, held-out documents): --val_share of them, whole, at random (none if too few)."""
+    docs, share = docs[:], cfg.val_share
+    random.Random(cfg.seed).shuffle(docs)
     n_val = max(2, round(share * len(docs))) if share > 0 and len(docs) >= 8 else 0  # NotNext needs two
     return docs[n_val:], docs[:n_val]
 
 def pairs_or_die(corpus, docs, cfg, seed):
     pairs = make_pairs(corpus, docs, cfg.max_len, seed, cfg.short_seq_prob)
-    if len(pairs) == 0:
-        die("too little text to build a single sentence pair: give at least two documents of two sentences or more")
-    return pairs
+    return pairs if len(pairs) else die("too little text to build a single sentence pair: give at least two documents "
+                                        "of two sentences or more")
 
 def cached_corpus(tok, docs, folder, save=True):
     """encode_corpus, cached in folder/corpus-KEY.pt. KEY hashes the text and the tokenizer, so a cache of
@@ -836,44 +828,44 @@ def load_model(folder, device):  # for demo, eval and export: the model (a BERT 
 TEXT_COLUMNS = [("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
                 ("premise", "hypothesis"), ("sentence",), ("text",)]  # GLUE's files, and the common names
 
-def read_labelled(path, text_cols=None, label_col="label", names=None):
-    """A .tsv or .csv file with a header -> texts (tuples of one or two strings), label ids, label names, text
-    columns, rows skipped (a field empty or missing). Text columns: text_cols, else the first of TEXT_COLUMNS
-    the header has. names: the labels a model knows; else the file's, sorted (as numbers if all are integers)."""
+def read_labelled(path, cols=None, label="label", names=None):
+    """A .tsv or .csv file with a header -> rows (texts: a tuple of one or two, label id), label names, text
+    columns, rows skipped (a field empty or missing). Text columns: cols, else the first of TEXT_COLUMNS in the
+    header. names: the labels a model knows; else the file's, sorted (as numbers if all are integers)."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            tsv = path.endswith(".tsv")  # GLUE's TSV files quote nothing: a quote is text
-            header, *rows = csv.reader(f, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else 0)
+        with open(path, encoding="utf-8", newline="") as f:  # GLUE's .tsv files quote nothing: a quote is text
+            tsv = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if path.endswith(".tsv") else {}
+            header, *rows = csv.reader(f, **tsv)
     except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: an empty file, no header
         die(f"cannot read {path} ({getattr(e, 'strerror', None) or getattr(e, 'reason', None) or 'empty'}); pass a "
             "UTF-8 .tsv or .csv file with a header")
-    cols = text_cols or next((c for c in TEXT_COLUMNS if set(c) <= set(header)), ())
-    if label_col not in header or not cols or not set(cols) <= set(header):
-        die(f"{path} has the columns {', '.join(header)}: it needs a {label_col!r} column (--label_col) and one or "
-            "two text columns (--text_cols; found by name: sentence, text, sentence1/sentence2, question/sentence...)")
-    at = [header.index(c) for c in (*cols, label_col)]
-    kept = [f for f in ([r[i].strip() for i in at] for r in rows if len(r) == len(header)) if all(f)]
-    labels = [f[-1] for f in kept]
-    numeric = all(v.lstrip("-").isdigit() for v in set(labels))
-    names = names or sorted(set(labels), key=int if numeric else str)
-    if unknown := set(labels) - set(names):
+    cols = cols or next((c for c in TEXT_COLUMNS if set(c) <= set(header)), ())
+    if label not in header or not cols or not set(cols) <= set(header):
+        die(f"{path} has the columns {', '.join(header)}: it needs a {label!r} column (--label_col) and one or two "
+            "text columns (--text_cols; found by name: sentence, text, sentence1/sentence2, question/sentence...)")
+    kept = [f for f in ([r[header.index(c)].strip() for c in (*cols, label)] for r in rows if len(r) == len(header))
+            if all(f)]
+    labels = {f[-1] for f in kept}
+    names = names or sorted(labels, key=int if all(v.lstrip("-").isdigit() for v in labels) else str)
+    if unknown := labels - set(names):
         die(f"{path} has the label(s) {', '.join(sorted(unknown))}, which the model was not trained on "
             f"(its labels: {', '.join(names)})")
-    index = {v: i for i, v in enumerate(names)}
-    return [tuple(f[:-1]) for f in kept], [index[v] for v in labels], names, cols, len(rows) - len(kept)
+    return [(tuple(f[:-1]), names.index(f[-1])) for f in kept], names, cols, len(rows) - len(kept)
 
-def encode_texts(tok, texts, max_len):
-    """-> (ids, segment ids) per text, [CLS] a [SEP] or [CLS] a [SEP] b [SEP] as in pretraining, cut to max_len
-    tokens (the longer text first); and how many were cut."""
+def encode_rows(tok, rows, max_len):
+    """rows (texts, label) -> ((ids, segment ids), label): [CLS] a [SEP], or [CLS] a [SEP] b [SEP] as in
+    pretraining, cut to max_len tokens (the longer text first); and how many were cut."""
     tok.enable_truncation(max_len)
-    enc = tok.encode_batch([t if len(t) == 2 else t[0] for t in texts])
+    enc = tok.encode_batch([t if len(t) == 2 else t[0] for t, _ in rows])
     tok.no_truncation()
-    return [(e.ids, e.type_ids) for e in enc], sum(len(e.overflowing) > 0 for e in enc)
+    return [((e.ids, e.type_ids), y) for e, (_, y) in zip(enc, rows)], sum(len(e.overflowing) > 0 for e in enc)
 
-def padded(examples, device):  # [(ids, seg), ...] -> ids, seg (B, T): padded with 0 ([PAD], segment 0) to the
-    T = -(-max(len(ids) for ids, _ in examples) // 8) * 8  # longest, rounded up to 8: fewer shapes for the kernels
-    ids, seg = ([x + [PAD] * (T - len(x)) for x in col] for col in zip(*examples))
-    return torch.tensor(ids, device=device), torch.tensor(seg, device=device)
+def padded(rows, device):
+    """-> ids, seg (B, T), labels (B,). Padded with 0 ([PAD], segment 0) to the longest row, not to max_len;
+    rounded up to 8 tokens, so that the CPU's kernels see fewer shapes (each new one costs a plan)."""
+    T = -(-max(len(x[0]) for x, _ in rows) // 8) * 8
+    ids, seg = ([t + [PAD] * (T - len(t)) for t in col] for col in zip(*(x for x, _ in rows)))
+    return tuple(torch.tensor(t, device=device) for t in (ids, seg, [y for _, y in rows]))
 
 def classify_loss(model, ids, seg, y, n):
     """Cross-entropy summed over the batch, over n (as pretraining_loss). -> the loss, and (loss, accuracy)."""
@@ -883,49 +875,43 @@ def classify_loss(model, ids, seg, y, n):
     return loss, torch.stack([loss, (logits.argmax(-1) == y).sum() / n]).detach()
 
 @torch.no_grad()
-def evaluate_classifier(model, data, device, batch_size=256):  # data: (examples, label ids) -> loss, accuracy
-    (X, y), was_training = data, model.training
-    model.eval()
-    s = sum(classify_loss(model, *padded(X[i : i + batch_size], device), torch.tensor(y[i : i + batch_size],
-            device=device), len(X))[1] for i in range(0, len(X), batch_size))
+def evaluate_classifier(model, rows, device):  # -> mean loss and accuracy
+    was_training = model.training
+    s = sum(classify_loss(model.eval(), *padded(rows[i : i + 256], device), len(rows))[1]
+            for i in range(0, len(rows), 256))
     model.train(was_training)
     return dict(zip(("loss", "acc"), s.tolist()))
 
-def finetune(cfg, model, tok, data, val, meta, stop_at=None):
-    """Train a Classifier on data (examples, label ids): AdamW, warm-up and linear decay, clipping (train_step).
-    After each epoch, loss and accuracy on val; the best epoch's model is saved, with meta (its labels...)."""
-    device, B, N = torch.device(cfg.device), cfg.batch_size, len(data[0])
-    model.to(device).train()
-    optimizer, gen = make_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed)  # (gen: the data order)
+def finetune(cfg, model, tok, rows, val, meta, stop_at=None):
+    """Train a Classifier on rows: AdamW, warm-up and linear decay, clipping (train_step). After each epoch, loss
+    and accuracy on val; the best epoch's model is saved, with meta (the labels, the columns)."""
+    device, B, N = torch.device(cfg.device), cfg.batch_size, len(rows)
+    optimizer, gen = make_optimizer(model.to(device).train(), cfg), torch.Generator().manual_seed(cfg.seed)
     total, step, best = cfg.epochs * math.ceil(N / B), 0, None
     with stop_request() as stopped:
-        for epoch in range(cfg.epochs):
-            order, sums, n, t0, t_epoch = torch.randperm(N, generator=gen).tolist(), 0, 0, time.time(), time.time()
+        for _ in range(cfg.epochs):
+            order, sums, n, t0 = torch.randperm(N, generator=gen).tolist(), 0, 0, time.time()  # a new order each epoch
             for i in range(0, N, B):
-                X, y = [data[0][j] for j in order[i : i + B]], [data[1][j] for j in order[i : i + B]]
-                lr = lr_at(step, total, cfg)
-                batch = (*padded(X, device), torch.tensor(y, device=device))
-                stats, bad = train_step(model, optimizer, classify_loss, batch, lr, cfg, norms=(len(y),))
-                step, n, sums = step + 1, n + 1, sums + stats
-                stop = stopped[0] or step == stop_at
+                lr, batch = lr_at(step, total, cfg), padded([rows[j] for j in order[i : i + B]], device)
+                stats, _ = train_step(model, optimizer, classify_loss, batch, lr, cfg, norms=(len(batch[2]),))
+                sums, n, step, stop = sums + stats, n + 1, step + 1, stopped[0] or step + 1 == stop_at
                 if step % cfg.log_every == 0 or stop:
-                    (loss, acc), dt = (sums / n).tolist(), time.time() - t0
-                    print(f"step {step}/{total} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.2e} | {n * B / dt:,.0f} "
-                          "examples/s" + " | warning: a non-finite loss, lower --lr" * (not math.isfinite(loss)))
-                    sums, n, t0 = 0, 0, time.time()
+                    loss, acc = (sums / n).tolist()
+                    print(f"step {step}/{total} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.2e}" +
+                          " | warning: a non-finite loss; lower --lr" * (not math.isfinite(loss)))
+                    sums, n = 0, 0
                 if stop:
                     break
-            m = {"epoch": round(step / total * cfg.epochs, 2), **evaluate_classifier(model, val, device)}
-            print(f"eval (epoch {m['epoch']:g}, {time.time() - t_epoch:.0f} s) step {step}: loss {m['loss']:.4f} | "
-                  f"acc {m['acc']:.4f}")
+            m = {"epoch": round(step / total * cfg.epochs, 2), "s": round(time.time() - t0),
+                 **evaluate_classifier(model, val, device)}
+            print(f"eval (epoch {m['epoch']:g}, {m['s']} s) step {step}: loss {m['loss']:.4f} | acc {m['acc']:.4f}")
             log(cfg.out, {"eval": step, **m})
-            if best is None or m["acc"] > best["acc"]:  # the best epoch is the model kept
+            if best is None or m["acc"] > best["acc"]:  # the model kept is the best epoch's
                 best = m
                 save_checkpoint(os.path.join(cfg.out, "model.pt"), {"model": model.state_dict(), "eval": m, **meta,
                                 "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()})
             if stop:
-                print(f"stopped at step {step}; the best model so far (epoch {best['epoch']:g}) is in {cfg.out}/",
-                      file=sys.stderr)
+                print(f"stopped at step {step}; the best model so far is in {cfg.out}/", file=sys.stderr)
                 sys.exit(130)  # as for Ctrl-C
     print(f"done: the best epoch, {best['epoch']:g} (held-out accuracy {best['acc']:.4f}), is in {cfg.out}/model.pt; "
           f"try: python minibert.py demo \"a text\" --ckpt {cfg.out}")
@@ -1031,11 +1017,11 @@ def export_hf(folder, to):
     with open(os.path.join(to, "vocab.txt"), "w", encoding="utf-8") as f:  # for the slow BertTokenizer
         f.write("\n".join(tok.id_to_token(i) for i in range(tok.get_vocab_size())) + "\n")
     from safetensors.torch import save_file
-    if labels:  # the encoder's weights (BertForPreTraining's "bert."), and the classifier as it is named
-        hf = hf_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("bert.")}, cfg)
-        sd = {**{k: v for k, v in hf.items() if k.startswith("bert.")}, "classifier.weight": sd["classifier.weight"],
+    hf = hf_state_dict({k.removeprefix("bert."): v for k, v in sd.items()}, cfg)  # (a Classifier's BERT is .bert)
+    if labels:  # the encoder, as BertForPreTraining names it ("bert."), and the classifier, as it is named
+        hf = {**{k: v for k, v in hf.items() if k.startswith("bert.")}, "classifier.weight": sd["classifier.weight"],
               "classifier.bias": sd["classifier.bias"]}
-    weights = {k: v.float().contiguous().clone() for k, v in (sd if labels else hf_state_dict(sd, cfg)).items()}
+    weights = {k: v.float().contiguous().clone() for k, v in hf.items()}
     save_file(weights, os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
     os.chmod(os.path.join(to, "model.safetensors"), os.stat(os.path.join(to, "config.json")).st_mode)  # not 600
     print(f"exported {folder} to {to}/; load it with transformers.{arch}.from_pretrained({to!r})")
@@ -1054,17 +1040,13 @@ def add_config_flags(p, names=None, defaults={}):
     helps = dict(re.findall(r"^    (\w+): \w+ = .+?  # (.+)$", inspect.getsource(Config), re.M))
     for f in (f for f in dataclasses.fields(Config) if names is None or f.name in names.split()):
         h = f"{helps[f.name]} (default {defaults.get(f.name, f.default)})".replace("%", "%%")
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=h)
-        else:
-            choices = DEVICES if f.name == "device" else None
-            metavar = None if choices else f.type.__name__.upper()
-            p.add_argument(f"--{f.name}", type=f.type, choices=choices, metavar=metavar, help=h)
-    if names is not None:
-        return
-    presets = ", ".join(f"{k} ({n} x {h}, lr {lr:g})" for k, (n, h, lr, _) in PRESETS.items())
-    p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; "
-                   "explicit flags (--layers, --lr, ...) win (default mini)")
+        kind = (dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(choices=DEVICES)
+                if f.name == "device" else dict(type=f.type, metavar=f.type.__name__.upper()))
+        p.add_argument(f"--{f.name}", help=h, **kind)
+    if names is None:
+        presets = ", ".join(f"{k} ({n} x {h}, lr {lr:g})" for k, (n, h, lr, _) in PRESETS.items())
+        p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; "
+                       "explicit flags (--layers, --lr, ...) win (default mini)")
 
 RULES = [("layers hidden heads ffn vocab_size max_position max_len batch_size grad_accum epochs lr log_every "
           "save_every", lambda v: v > 0, "must be positive"),
@@ -1109,18 +1091,16 @@ def cmd_train(args):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    out, resume = args.out or Config.out, None
+    out, resume, saved = args.out or Config.out, None, None
     if args.resume:
         resume, tok, saved = load_checkpoint(out)
-        cfg = build_config(args, dataclasses.replace(saved, device="auto"), world)  # the device is this machine's
-        for name in ("layers", "hidden", "heads", "ffn", "vocab_size", "max_position"):  # the weights' shape
-            if getattr(cfg, name) != getattr(saved, name):
-                die(f"--resume: the checkpoint in {out}/ has {name} {getattr(saved, name)}, not "
-                    f"{getattr(cfg, name)}; drop --{name} (or --preset)")
     elif os.path.exists(os.path.join(out, "model.pt")):
         die(f"{out}/ already holds a checkpoint; continue it with --resume, or pick a new folder with --out")
-    else:
-        cfg = build_config(args, world=world)
+    cfg = build_config(args, saved and dataclasses.replace(saved, device="auto"), world)  # the device: this machine's
+    for name in ("layers", "hidden", "heads", "ffn", "vocab_size", "max_position"):  # a resume keeps the weights' shape
+        if saved and getattr(cfg, name) != getattr(saved, name):
+            die(f"--resume: the checkpoint in {out}/ has {name} {getattr(saved, name)}, not {getattr(cfg, name)}; "
+                f"drop --{name} (or --preset)")
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer) if resume is None else die("--resume goes on with the run's tokenizer; "
                                                                         "drop --tokenizer")
@@ -1129,11 +1109,8 @@ def cmd_train(args):
     torch.backends.cuda.matmul.allow_tf32 = True  # on CUDA, for what autocast leaves in fp32
     t0 = time.time()
     hub = {} if args.data else load_hub(cfg, ("train", "validation"))
-    if "validation" in hub:
-        train_docs, val_docs = hub["train"], hub["validation"]
-    else:  # hold out a share of the documents, whole
-        docs = read_corpus(args.data) if args.data else hub["train"]
-        train_docs, val_docs = split_docs(docs, cfg.val_share, cfg.seed)
+    docs = read_corpus(args.data) if args.data else hub["train"]  # no validation split: a share held out, whole
+    train_docs, val_docs = (docs, hub["validation"]) if "validation" in hub else split_docs(docs, cfg)
     writable(cfg.out)
     if resume is None and not args.tokenizer:  # rank 0 trains the tokenizer (not deterministic), sends it to all
         tok = [train_tokenizer((s for d in train_docs for s in d), cfg.vocab_size).to_str() if rank == 0 else None]
@@ -1158,9 +1135,10 @@ def cmd_demo(args):
     if "labels" in state:  # a classifier: each label's probability
         if len(args.text) > 2:
             die("a classifier reads one text or a pair: put each in quotes")
-        x = padded(encode_texts(tok, [tuple(args.text)], cfg.max_len)[0], next(model.parameters()).device)
+        device = next(model.parameters()).device
+        ids, seg, _ = padded(encode_rows(tok, [(tuple(args.text), 0)], cfg.max_len)[0], device)
         with torch.no_grad():
-            probs = model(*x)[0].float().softmax(-1).tolist()
+            probs = model(ids, seg)[0].float().softmax(-1).tolist()
         return print("  ".join(f"{name} {p:.3f}" for name, p in zip(state["labels"], probs)))
     text = re.sub(r"\[mask\]", "[MASK]", " ".join(args.text), flags=re.IGNORECASE)  # [mask] is meant too
     if "[MASK]" not in text:
@@ -1177,10 +1155,11 @@ def cmd_eval(args):
     model, tok, cfg, state = load_model(args.ckpt, device)
     if "labels" in state:  # a classifier: its accuracy on a labelled file
         if not args.data:
-            die(f"{args.ckpt} is a classifier: pass --data FILE, a .tsv or .csv file with its {state['columns'][-1]!r} column")
-        texts, y, *_ = read_labelled(args.data[0], state["columns"][:-1], state["columns"][-1], state["labels"])
-        m = {**evaluate_classifier(model, (encode_texts(tok, texts, cfg.max_len)[0], y), device), "examples": len(y)}
-        return print(json.dumps(m) if args.json else f"{len(y)} examples | loss {m['loss']:.4f} | acc {m['acc']:.4f}")
+            die(f"{args.ckpt} is a classifier: pass --data FILE (.tsv or .csv) with its columns {state['columns']}")
+        rows = read_labelled(args.data[0], state["columns"][:-1], state["columns"][-1], state["labels"])[0]
+        m = {**evaluate_classifier(model, encode_rows(tok, rows, cfg.max_len)[0], device), "examples": len(rows)}
+        return print(json.dumps(m) if args.json else f"{len(rows)} examples | loss {m['loss']:.4f} | "
+                     f"acc {m['acc']:.4f}")
     docs = read_corpus(args.data) if args.data else load_hub(cfg, ("validation",))["validation"]
     corpus, _ = cached_corpus(tok, docs, args.ckpt)
     pairs = pairs_or_die(corpus, range(len(docs)), cfg, cfg.seed + 1)
@@ -1199,26 +1178,24 @@ def cmd_finetune(args):
     cfg = build_config(args, dataclasses.replace(saved, lr=lr, device="auto", out="finetuned", **FINETUNE))
     if os.path.exists(os.path.join(cfg.out, "model.pt")):
         die(f"{cfg.out}/ already holds a checkpoint; pick a new folder with --out")
-    texts, y, names, cols, skipped = read_labelled(args.data, args.text_cols, args.label_col)
+    rows, names, cols, skipped = read_labelled(args.data, args.text_cols, args.label_col)
     if len(names) < 2:
         die(f"{args.data} has one label only ({names[0] if names else 'no rows'}); a classifier needs two or more")
-    if args.val:
-        val = read_labelled(args.val, cols, args.label_col, names)
-    else:  # a seeded share of the rows, held out
-        order, k = random.Random(cfg.seed).sample(range(len(y)), len(y)), max(1, round(cfg.val_share * len(y)))
-        val = [texts[i] for i in order[:k]], [y[i] for i in order[:k]]
-        texts, y = [texts[i] for i in order[k:]], [y[i] for i in order[k:]]
-    (X, cut), (V, cut_val) = encode_texts(tok, texts, cfg.max_len), encode_texts(tok, val[0], cfg.max_len)
-    print(f"data: {len(X)} training and {len(V)} held-out examples | labels {', '.join(names)} | text {' + '.join(cols)}"
-          f" | {cut + cut_val} cut to {cfg.max_len} tokens | {skipped} rows skipped (a field empty or missing)\n"
-          f"{'from random initialisation (--scratch)' if args.scratch else f'from {args.ckpt}'} | config: "
+    held = read_labelled(args.val, cols, args.label_col, names)[0] if args.val else None
+    rows, held = (rows, held) if held else split_docs(rows, cfg)  # a seeded share held out
+    if not held:
+        die(f"{args.data} has too few rows to hold some out; pass --val FILE")
+    (rows, cut), (held, cut_held) = encode_rows(tok, rows, cfg.max_len), encode_rows(tok, held, cfg.max_len)
+    print(f"data: {len(rows)} training and {len(held)} held-out examples | labels {', '.join(names)} | text "
+          f"{' + '.join(cols)} | {cut + cut_held} cut to {cfg.max_len} tokens | {skipped} rows skipped (a field empty "
+          f"or missing)\n{'random initialisation (--scratch)' if args.scratch else f'from {args.ckpt}'} | config: "
           f"{json.dumps(dataclasses.asdict(cfg))}")
     torch.manual_seed(cfg.seed)
     model = Classifier(cfg, len(names))
     if not args.scratch:
         load_weights(model.bert, state, args.ckpt)
     writable(cfg.out)
-    finetune(cfg, model, tok, (X, y), (V, val[1]), {"labels": names, "columns": [*cols, args.label_col]})
+    finetune(cfg, model, tok, rows, held, {"labels": names, "columns": [*cols, args.label_col]})
 
 def cmd_bench(args):
     r = bench(build_config(args), args.steps)
@@ -1243,8 +1220,7 @@ def main(argv=None):
         q.add_argument("--data", nargs="+", action="extend", metavar="FILE", help="local text (WikiText layout; .txt, "
                        f".gz or .parquet) or the Cornell Movie-Dialogs folder; may be repeated (default {default})")
     t.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
-    t.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer, not a new one: a checkpoint (folder or "
-                   "model.pt), a tokenizer.json or a BERT vocab.txt (two recipes compared need one vocabulary)")
+    t.add_argument("--tokenizer", metavar="FILE", help="the tokenizer of a checkpoint, a tokenizer.json or vocab.txt")
     b.add_argument("--steps", type=int, default=20, help="timed steps, after 5 warm-up steps (default 20)")
     d.add_argument("text", nargs="+", help="a text with [MASK]s; for a classifier, a text or two (a pair)")
     d.add_argument("--top_k", type=int, default=5, help="guesses per [MASK] (default 5)")
@@ -1254,14 +1230,12 @@ def main(argv=None):
     add_config_flags(f, "lr epochs batch_size dropout warmup beta2 weight_decay grad_clip grad_accum val_share seed "
                      "log_every max_len device out", {**FINETUNE, "lr": "the preset's: " + ", ".join(
                          f"{k} {v[3]:g}" for k, v in PRESETS.items()), "out": "finetuned"})
-    f.add_argument("--data", required=True, metavar="FILE", help="labelled training data: a .tsv or .csv file with "
-                   "a header, as GLUE's: a label column and one or two text columns (found by name, or --text_cols)")
+    f.add_argument("--data", required=True, metavar="FILE", help="labelled texts: .tsv or .csv, with a header (GLUE)")
     f.add_argument("--val", metavar="FILE", help="held-out data, as --data (default: --val_share of --data's rows)")
     f.add_argument("--text_cols", nargs="+", metavar="COL", help="the text column, or two for pairs (default: the "
                    f"first found of {', '.join('/'.join(c) for c in TEXT_COLUMNS)})")
     f.add_argument("--label_col", default="label", metavar="COL", help="the label column (default label)")
-    f.add_argument("--scratch", action="store_true", help="the same model and tokenizer from random "
-                   "initialisation, not the pretrained weights: the baseline that says what pretraining bought")
+    f.add_argument("--scratch", action="store_true", help="random weights: the baseline for what pretraining buys")
     for q in (d, e, x, f):
         q.add_argument("--ckpt", default="out", metavar="DIR", help="checkpoint folder (default out)")
     for q in (d, e):
@@ -1270,16 +1244,14 @@ def main(argv=None):
     if unknown:  # said by the command's own parser, whose --help lists its flags
         (sub.choices[args.cmd] if args.cmd else p).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.cmd is None:
-        p.print_help(sys.stderr)
-        sys.exit(2)
+        p.exit(2, p.format_help())  # (on stderr)
     for name in ("top_k", "steps"):
         if getattr(args, name, 1) < 1:
             die(f"--{name} must be positive, not {getattr(args, name)}")
     try:
         commands[args.cmd][0](args)
     except KeyboardInterrupt:
-        print("\nminibert: interrupted", file=sys.stderr)
-        sys.exit(130)
+        p.exit(130, "\nminibert: interrupted\n")
     except RuntimeError as e:  # CUDA out of memory (a RuntimeError), or the CPU allocator
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
