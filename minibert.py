@@ -721,10 +721,8 @@ def read_corpus(paths):
                     docs += parse_wikitext(f.read().splitlines())
         except FileNotFoundError:
             die(f"--data {path} does not exist; pass a UTF-8 text file")
-        except UnicodeDecodeError:
-            iconv = "iconv -f latin1 -t utf-8"
-            cmd = f"zcat {path} | {iconv}" if path.endswith(".gz") else f"{iconv} {path}"
-            die(f"--data {path} is not UTF-8 text; if it is Latin-1 text, convert it: {cmd} > {path}.utf8.txt")
+        except UnicodeDecodeError as e:  # (e.start: the byte's offset in the block being decoded)
+            die(f"--data {path} is not UTF-8 text ({e.reason}, byte 0x{e.object[e.start]:02x}); convert it to UTF-8")
         except gzip.BadGzipFile:
             die(f"--data {path} ends in .gz but is not gzip-compressed; rename it")
         except Exception as e:  # unreadable, a damaged Parquet file, or one without a "text" column
@@ -910,9 +908,8 @@ def finetune(cfg, model, tok, rows, val, meta, stop_at=None):
                 best = m
                 save_checkpoint(os.path.join(cfg.out, "model.pt"), {"model": model.state_dict(), "eval": m, **meta,
                                 "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()})
-            if stop:
-                print(f"stopped at step {step}; the best model so far is in {cfg.out}/", file=sys.stderr)
-                sys.exit(130)  # as for Ctrl-C
+            if stop:  # the best epoch so far is saved; main says "interrupted", exit status 130
+                raise KeyboardInterrupt
     print(f"done: the best epoch, {best['epoch']:g} (held-out accuracy {best['acc']:.4f}), is in {cfg.out}/model.pt; "
           f"try: python minibert.py demo \"a text\" --ckpt {cfg.out}")
 
@@ -1084,6 +1081,8 @@ def writable(out):
     except OSError as e:
         die(f"cannot write to --out {out} ({e.strerror}); pick another folder with --out")
 
+CPU_BUDGET = 15  # minutes: on 2 cores, tiny ends {{TBD}}
+
 def cmd_train(args):
     if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs
         cuda = args.device != "cpu" and torch.cuda.is_available()
@@ -1096,6 +1095,11 @@ def cmd_train(args):
         resume, tok, saved = load_checkpoint(out)
     elif os.path.exists(os.path.join(out, "model.pt")):
         die(f"{out}/ already holds a checkpoint; continue it with --resume, or pick a new folder with --out")
+    cpu = not saved and world == 1 and resolve_device(args.device or "auto") == "cpu"  # its own default recipe
+    if cpu and all(getattr(args, k) is None for k in ("preset", "layers", "hidden", "epochs", "max_steps", "budget")):
+        args.preset, args.budget = "tiny", CPU_BUDGET
+        print(f"recipe: on a CPU, --preset tiny --budget {CPU_BUDGET} (mini's 40 epochs would take a day here; the "
+              "README's table); --preset, --epochs, --max_steps or --budget choose otherwise")
     cfg = build_config(args, saved and dataclasses.replace(saved, device="auto"), world)  # the device: this machine's
     for name in ("layers", "hidden", "heads", "ffn", "vocab_size", "max_position"):  # a resume keeps the weights' shape
         if saved and getattr(cfg, name) != getattr(saved, name):
@@ -1135,8 +1139,7 @@ def cmd_demo(args):
     if "labels" in state:  # a classifier: each label's probability
         if len(args.text) > 2:
             die("a classifier reads one text or a pair: put each in quotes")
-        device = next(model.parameters()).device
-        ids, seg, _ = padded(encode_rows(tok, [(tuple(args.text), 0)], cfg.max_len)[0], device)
+        ids, seg, _ = padded(encode_rows(tok, [(tuple(args.text), 0)], cfg.max_len)[0], model.classifier.bias.device)
         with torch.no_grad():
             probs = model(ids, seg)[0].float().softmax(-1).tolist()
         return print("  ".join(f"{name} {p:.3f}" for name, p in zip(state["labels"], probs)))
@@ -1158,8 +1161,8 @@ def cmd_eval(args):
             die(f"{args.ckpt} is a classifier: pass --data FILE (.tsv or .csv) with its columns {state['columns']}")
         rows = read_labelled(args.data[0], state["columns"][:-1], state["columns"][-1], state["labels"])[0]
         m = {**evaluate_classifier(model, encode_rows(tok, rows, cfg.max_len)[0], device), "examples": len(rows)}
-        return print(json.dumps(m) if args.json else f"{len(rows)} examples | loss {m['loss']:.4f} | "
-                     f"acc {m['acc']:.4f}")
+        return print(json.dumps(m) if args.json else f"{len(rows)} examples | acc {m['acc']:.4f} | "
+                     f"loss {m['loss']:.4f}")
     docs = read_corpus(args.data) if args.data else load_hub(cfg, ("validation",))["validation"]
     corpus, _ = cached_corpus(tok, docs, args.ckpt)
     pairs = pairs_or_die(corpus, range(len(docs)), cfg, cfg.seed + 1)
@@ -1181,10 +1184,9 @@ def cmd_finetune(args):
     rows, names, cols, skipped = read_labelled(args.data, args.text_cols, args.label_col)
     if len(names) < 2:
         die(f"{args.data} has one label only ({names[0] if names else 'no rows'}); a classifier needs two or more")
-    held = read_labelled(args.val, cols, args.label_col, names)[0] if args.val else None
-    rows, held = (rows, held) if held else split_docs(rows, cfg)  # a seeded share held out
-    if not held:
-        die(f"{args.data} has too few rows to hold some out; pass --val FILE")
+    rows, held = (rows, read_labelled(args.val, cols, args.label_col, names)[0]) if args.val else split_docs(rows, cfg)
+    if not held:  # (split_docs: a seeded share of the rows, if there are 8 or more)
+        die(f"{args.val or args.data} has too few rows to hold some out; pass --val FILE")
     (rows, cut), (held, cut_held) = encode_rows(tok, rows, cfg.max_len), encode_rows(tok, held, cfg.max_len)
     print(f"data: {len(rows)} training and {len(held)} held-out examples | labels {', '.join(names)} | text "
           f"{' + '.join(cols)} | {cut + cut_held} cut to {cfg.max_len} tokens | {skipped} rows skipped (a field empty "
@@ -1232,8 +1234,7 @@ def main(argv=None):
                          f"{k} {v[3]:g}" for k, v in PRESETS.items()), "out": "finetuned"})
     f.add_argument("--data", required=True, metavar="FILE", help="labelled texts: .tsv or .csv, with a header (GLUE)")
     f.add_argument("--val", metavar="FILE", help="held-out data, as --data (default: --val_share of --data's rows)")
-    f.add_argument("--text_cols", nargs="+", metavar="COL", help="the text column, or two for pairs (default: the "
-                   f"first found of {', '.join('/'.join(c) for c in TEXT_COLUMNS)})")
+    f.add_argument("--text_cols", nargs="+", metavar="COL", help="the text column, or two (default: found by name)")
     f.add_argument("--label_col", default="label", metavar="COL", help="the label column (default label)")
     f.add_argument("--scratch", action="store_true", help="random weights: the baseline for what pretraining buys")
     for q in (d, e, x, f):

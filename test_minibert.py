@@ -875,7 +875,7 @@ BAD = {  # case -> what the one-line message must mention
     "no_mask": "no [MASK]", "empty_text": "no [MASK]", "no_ckpt": "train one first", "foreign_ckpt": "not a minibert checkpoint",
     "truncated_ckpt": "not a minibert checkpoint", "old_version_ckpt": "another version of minibert",
     "old_version_demo": "another version of minibert", "old_version_export": "another version of minibert", "data_missing": "does not exist",
-    "data_empty": "holds no text", "data_folder": "is a folder without movie_lines.txt", "data_latin1": "iconv -f latin1 -t utf-8",
+    "data_empty": "holds no text", "data_folder": "is a folder without movie_lines.txt", "data_latin1": "is not UTF-8 text (invalid continuation byte, byte 0xe9)",
     "data_too_little": "too little text", "data_not_gzip": "is not gzip-compressed", "cornell_half": "is a folder without movie_conversations.txt",
     "unknown_flag": "unrecognized arguments: --bogus 1 (see: python minibert.py train --help)", "bad_type": "invalid int value",
     "zero_batch": "--batch_size must be positive", "batch_not_multiple": "must be a multiple of",
@@ -916,30 +916,29 @@ def test_finetune_learns_a_pair_task_and_keeps_the_best_epoch(tmp_path, tok):
     task that needs the second text; the checkpoint holds the best epoch and the label names."""
     cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), dropout=0.1, lr=3e-3, epochs=3, batch_size=16,
                               log_every=10, out=str(tmp_path))
-    (X, y), (V, w) = ((mb.encode_texts(tok, [t for t, _ in rows], cfg.max_len)[0], [lab for _, lab in rows])
-                      for rows in (labelled(320, 0, True), labelled(100, 1, True)))
+    rows, val = (mb.encode_rows(tok, labelled(n, seed, True), cfg.max_len)[0] for n, seed in ((320, 0), (100, 1)))
     torch.manual_seed(0)
     model = mb.Classifier(cfg, 2)
-    assert abs(mb.evaluate_classifier(model, (V, w), "cpu")["acc"] - 0.5) < 0.15  # chance before
-    mb.finetune(cfg, model, tok, (X, y), (V, w), {"labels": ["dark", "bright"], "columns": ["a", "b", "label"]})
+    assert abs(mb.evaluate_classifier(model, val, "cpu")["acc"] - 0.5) < 0.15  # chance before
+    mb.finetune(cfg, model, tok, rows, val, {"labels": ["dark", "bright"], "columns": ["a", "b", "label"]})
     state = mb.load_checkpoint(str(tmp_path))[0]
     log = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert state["labels"] == ["dark", "bright"] and state["eval"]["acc"] == max(r["acc"] for r in log) >= 0.95
     loaded = mb.load_model(str(tmp_path), "cpu")[0]
-    assert isinstance(loaded, mb.Classifier) and mb.evaluate_classifier(loaded, (V, w), "cpu")["acc"] >= 0.95
+    assert isinstance(loaded, mb.Classifier) and mb.evaluate_classifier(loaded, val, "cpu")["acc"] >= 0.95
 
 
-def test_encode_texts_pairs_segments_and_cuts(tok):
+def test_encode_rows_pairs_segments_and_cuts(tok):
     """A pair is [CLS] a [SEP] b [SEP] with segment ids 0 then 1, as pretraining's pairs; a text longer than
     max_len is cut to it, and counted."""
-    (pair, one), cut = mb.encode_texts(tok, [("the cat sat", "on the old mat ."), ("the dog ran",)], 48)
+    ((pair, _), (one, _)), cut = mb.encode_rows(tok, [(("the cat sat", "on the old mat ."), 1), (("the dog ran",), 0)], 48)
     a, b = (tok.encode(t, add_special_tokens=False).ids for t in ("the cat sat", "on the old mat ."))
     assert pair[0] == [CLS, *a, SEP, *b, SEP] and pair[1] == [0] * (len(a) + 2) + [1] * (len(b) + 1) and cut == 0
     assert one[0][0] == CLS and one[0][-1] == SEP and set(one[1]) == {0}
-    (long_pair, _), cut = mb.encode_texts(tok, [("the cat sat " * 9, "on the mat ."), ("the dog ran",)], 12)
+    ((long_pair, _), _), cut = mb.encode_rows(tok, [(("the cat sat " * 9, "on the mat ."), 0), (("the dog ran",), 0)], 12)
     assert cut == 1 and len(long_pair[0]) == 12 and long_pair[0].count(SEP) == 2 and long_pair[1][-1] == 1
-    ids, seg = mb.padded([pair, one], "cpu")
-    assert ids.shape == seg.shape == (2, 16) and (ids[1, len(one[0]) :] == PAD).all()
+    ids, seg, y = mb.padded([(pair, 1), (one, 0)], "cpu")
+    assert ids.shape == seg.shape == (2, 16) and (ids[1, len(one[0]) :] == PAD).all() and y.tolist() == [1, 0]
 
 
 def test_finetune_starts_from_the_checkpoint_and_scratch_does_not(tmp_path, tok, monkeypatch):
@@ -997,6 +996,20 @@ def test_budget_schedule_follows_the_clock_and_resumes(tmp_path, tok, docs, monk
     assert lrs == [mb.lr_at(2.0 * i, 30.0, cfg) for i in range(15)]
 
 
+def test_cpu_default_recipe(tmp_path, monkeypatch, capsys):
+    """A new run on a CPU with no length or size given is tiny for CPU_BUDGET minutes; any of those flags, or
+    --device cuda, keeps Config's defaults."""
+    (tmp_path / "c.txt").write_text(make_corpus())
+    runs = []
+    monkeypatch.setattr(mb, "train", lambda cfg, *a: runs.append(cfg))
+    monkeypatch.setattr(mb, "train_tokenizer", lambda s, v, small=mb.train_tokenizer: small(s, 120))
+    for i, extra in enumerate(([], ["--epochs", "2"], ["--preset", "mini"])):
+        mb.main(["train", "--data", str(tmp_path / "c.txt"), "--device", "cpu", "--out", str(tmp_path / str(i)), *extra])
+    assert (runs[0].hidden, runs[0].budget, runs[0].lr) == (128, mb.CPU_BUDGET, mb.PRESETS["tiny"][2])
+    assert "recipe: on a CPU, --preset tiny" in capsys.readouterr().out
+    assert (runs[1].hidden, runs[1].budget, runs[1].epochs) == (256, 0, 2) and runs[2].budget == 0
+
+
 def test_tokenizer_from_each_source_is_the_same(tmp_path, tok):
     """--tokenizer: a checkpoint folder, its model.pt, the tokenizer.json and the vocab.txt that export writes
     all give the tokenizer the checkpoint was trained with; a vocab.txt in another order (bert-base-uncased's:
@@ -1046,6 +1059,26 @@ def test_export_loads_into_transformers(tmp_path, tok):
     real = enc["attention_mask"].bool()
     assert (ref.prediction_logits[real] - mlm[real]).abs().max() < 1e-4
     assert (ref.seq_relationship_logits - nsp).abs().max() < 1e-4
+
+
+def test_export_of_a_classifier_gives_transformers_the_same_logits(tmp_path, tok):
+    transformers = pytest.importorskip("transformers")
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size())
+    torch.manual_seed(0)
+    model = mb.Classifier(cfg, 3).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str(),
+                "labels": ["neg", "neutral", "pos"], "columns": ["sentence", "label"]}, tmp_path / "model.pt")
+    mb.export_hf(str(tmp_path), str(tmp_path / "hf"))
+    hf, info = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert hf.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+    ids, seg, _ = mb.padded(mb.encode_rows(tok, [(("the cat sat", "on the mat ."), 0), (("the dog",), 0)], 24)[0], "cpu")
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=ids, token_type_ids=seg, attention_mask=(ids != PAD).long()).logits
+        assert (ref - model(ids, seg)).abs().max() < 1e-4
 
 
 def test_cpu_dropout_masks_and_explicit_attention(monkeypatch):
