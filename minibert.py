@@ -1,5 +1,4 @@
-"""
-minibert: BERT pretraining from scratch, in one file of plain PyTorch.
+"""minibert: BERT pretraining from scratch, in one file of plain PyTorch.
 
 The recipe of Devlin et al. (2018): a WordPiece vocabulary, [CLS] A [SEP] B [SEP] sentence pairs,
 token + position + segment embeddings, a post-LayerNorm Transformer encoder, and two heads trained
@@ -11,17 +10,15 @@ jointly with their losses summed: masked-language modelling (MLM) and next-sente
     python minibert.py demo "the [MASK] sat on the mat ."
     torchrun --nproc_per_node 4 minibert.py train     # several GPUs: DistributedDataParallel
 
-It reads in the order the data flows: config, tokenizer, corpus and pairs, masking, model, training,
-demo. Then what the command line adds: evaluation and checkpoints, reading files and the hub,
-fine-tuning, bench, export, the CLI itself.
+It reads in the order the data flows: config, tokenizer, corpus and pairs, masking, model, training, demo. Then what
+the command line adds: evaluation and checkpoints, reading files and the hub, fine-tuning, bench, export, the CLI.
 
 Left out on purpose: a Trainer class with callbacks, output objects, head pruning, cross-attention
 and key/value caches, whole-word masking, the paper's second phase at 512 tokens (a separate
 --max_len 512 run), and fine-tuning heads beyond a classifier (export to transformers for those).
 
 References: Devlin et al. 2018, "BERT" (arXiv:1810.04805); Turc et al. 2019, "Well-Read Students
-Learn Better" (the size presets); google-research/bert, create_pretraining_data.py.
-"""
+Learn Better" (the size presets); google-research/bert, create_pretraining_data.py."""
 
 import argparse
 import bisect
@@ -103,35 +100,30 @@ PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 # ----------------------------------------------------------------------------- tokenizer
 
 def wordpiece(vocab=None):
-    """BERT's uncased WordPiece: lower-case and strip accents, split on spaces and punctuation; vocab: {token: id},
-    or None for one to train. encode(text) adds [CLS] ... [SEP], and encode(a, b) [CLS] a [SEP] b [SEP]."""
+    """BERT's uncased WordPiece tokenizer; vocab: {token: id}, or None for one to train."""
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)  # lower-case and strip accents
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # split on spaces and punctuation
     tok.decoder = decoders.WordPiece(prefix="##")  # "play ##ing" -> "playing"
-    tok.post_processor = processors.TemplateProcessing(  # with the segment ids (type_ids) 0 for a, 1 for b
+    tok.post_processor = processors.TemplateProcessing(  # encode(a) or encode(a, b); segment ids 0 for a, 1 for b
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
     return tok
 
 def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
-    """A WordPiece vocabulary learnt from a sample of 200k sentences (~5M words) at most: on WikiText-2 x 10,
-    6.5 s instead of 24 s, 96 % of the vocabulary the same. (Ties break in hash-map order, so two runs may
-    differ by a few entries: to compare two recipes, give both one tokenizer, train --tokenizer.)"""
+    """A WordPiece vocabulary from <= 200k sampled sentences (~5M words): on WikiText-2 x 10, 6.5 s, not 24 s, 96 % of
+    it the same. Ties break in hash-map order: runs may differ by a few entries; compare recipes on one --tokenizer."""
     sentences = list(sentences)
-    if len(sentences) > max_sentences:
-        sentences = random.Random(0).sample(sentences, max_sentences)
-    tok = wordpiece()
-    bar = sys.stderr.isatty()  # the trainer's progress bar on a terminal only: elsewhere it prints blank lines
+    sentences = random.Random(0).sample(sentences, max_sentences) if len(sentences) > max_sentences else sentences
+    tok, bar = wordpiece(), sys.stderr.isatty()  # the trainer's progress bar: on a terminal only (else: blank lines)
     tok.train_from_iterator(sentences, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                                                  show_progress=bar))
     return tok
 
 # ----------------------------------------------------------------------------- corpus and pairs
-# Text is documents (a list of lists of sentences: parse_wikitext, read_corpus, after the demo). Tokenized,
-# it is three flat arrays (Corpus): 21M words take ~100 MB, not ~3 GB. WikiText-2's train split (600
-# articles, 2.1M words): ~2.6M tokens, ~21k pairs of <= 128 tokens per epoch.
+# Text is documents (a list of lists of sentences: parse_wikitext, read_corpus, after the demo); tokenized, a Corpus.
+# WikiText-2's train split (600 articles, 2.1M words): ~2.6M tokens, ~21k pairs of <= 128 tokens per epoch.
 
-class Corpus(NamedTuple):
+class Corpus(NamedTuple):  # three flat arrays: 21M words take ~100 MB, not ~3 GB
     ids: torch.Tensor  # (N,) int32: the token ids of every sentence, back to back
     sents: torch.Tensor  # (S + 1,) int64: sentence s is ids[sents[s] : sents[s + 1]]
     docs: torch.Tensor  # (D + 1,) int64: document d is sentences docs[d] .. docs[d + 1] - 1
@@ -140,13 +132,11 @@ class Corpus(NamedTuple):
 ODD_SPACE = re.compile("[\x0b\x0c\x1c-\x1f\x85\u2028\u2029]")
 
 def encode_corpus(tok, docs):
-    """Documents of text -> Corpus; empty sentences are dropped (a document may end up empty, and keeps
-    its index). BERT's tokenizer splits at spaces first, so a sentence's ids are those of its words,
-    each distinct word tokenized once: 9 s instead of 37 s on WikiText-2 x 10 (21M words, 2 cores)."""
+    """Documents -> Corpus, empty sentences dropped (a document left empty keeps its index)."""
     texts = [s for d in docs for s in d]
-    words = list({w for s in texts for w in s.split()})
-    encoded = tok.encode_batch_fast(words, add_special_tokens=False)
-    cache = {w: array("i", e.ids).tobytes() for w, e in zip(words, encoded)}  # word -> its ids as int32 bytes
+    words = list({w for s in texts for w in s.split()})  # BERT's tokenizer splits at spaces first: each word once
+    enc = tok.encode_batch_fast(words, add_special_tokens=False)  # WikiText-2 x 10 (21M words), 2 cores: 9 s, not 37 s
+    cache = {w: array("i", e.ids).tobytes() for w, e in zip(words, enc)}  # word -> its ids as int32 bytes
     parts = []  # each sentence's ids as int32 bytes
     for i, s in enumerate(texts):
         parts.append(array("i", tok.encode(s, add_special_tokens=False).ids).tobytes() if ODD_SPACE.search(s) else
@@ -161,25 +151,19 @@ def encode_corpus(tok, docs):
     return Corpus(torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.int32), sents, doc_starts)
 
 def make_pairs(corpus, doc_ids, max_len, seed, short_seq_prob=0.1):
-    """(A, B, label) pairs from the documents doc_ids of a corpus, as google-research/bert does.
-    -> (N, 5) int64: A's start, A's length, B's start, B's length (offsets into corpus.ids), label.
-
-    Sentences are gathered until they fill the sequence; A is a random-length prefix of that chunk.
-    Label 0 (IsNext): B is the rest of the chunk. Label 1 (NotNext): B is a run of sentences from
-    another document, and the unused rest of the chunk goes back to the pool. Unlike the paper's
-    code, a chunk always holds two sentences or more and the labels come from a shuffled deck, so
-    the classes are balanced to within one pair. Example: sentences s0..s5 of a document, s0..s3 fill
-    the target, the cut falls after s1: A = s0 s1; IsNext: B = s2 s3, and the next chunk starts at s4;
-    NotNext: B = a run from another document, and the next chunk starts at s2.
-    """
-    # S[s]: where sentence s starts in corpus.ids (S[s + 1]: where it ends); D[d]: document d's first sentence.
-    S, D = corpus.sents.tolist(), corpus.docs.tolist()  # Python ints: the loop below is Python's
+    """(A, B, label) pairs from the documents doc_ids of a corpus, as google-research/bert does: sentences fill a chunk
+    of the sequence's length, A is a random-length prefix of it, and B either the rest (label 0, IsNext) or a run from
+    another document (label 1, NotNext; the chunk's unused rest goes back to the pool). -> (N, 5) int64: A's start, A's
+    length, B's start, B's length (offsets into corpus.ids), label. Unlike the paper's code, a chunk always holds two
+    sentences or more and labels come from a shuffled deck, so the classes are balanced to within one pair. Example:
+    sentences s0..s5 of a document, s0..s3 fill the target, the cut falls after s1: A = s0 s1; IsNext: B = s2 s3, and
+    the next chunk starts at s4; NotNext: B = a run from another document, and the next chunk starts at s2."""
+    S, D = corpus.sents.tolist(), corpus.docs.tolist()  # Corpus' offsets as Python ints: the loop below is Python's
     docs = [d for d in doc_ids if D[d + 1] > D[d]]
     if len(docs) < 2:  # NotNext needs another document
         return torch.zeros(0, 5, dtype=torch.int64)
-    rng = random.Random(seed)
+    rng, pairs, deck = random.Random(seed), [], []
     max_tokens = max_len - 3  # room for [CLS], [SEP], [SEP]
-    pairs, deck = [], []
     for j, d in enumerate(docs):
         start, end = D[d], D[d + 1]  # the next chunk starts at sentence start; the document ends before end
         while start < end - 1:  # two sentences or more are left (a last lone one is only used as a NotNext B)
@@ -193,8 +177,7 @@ def make_pairs(corpus, doc_ids, max_len, seed, short_seq_prob=0.1):
             if label == 0:  # IsNext: B is the rest of the chunk, and the next chunk starts after it
                 b0, b1, start = S[cut], S[i + 1], i + 1
             else:  # NotNext: B comes from another document, and the chunk's unused sentences go back to the pool
-                b0, b1 = random_segment(S, D, docs, j, max(1, target - (a1 - a0)), rng)
-                start = cut
+                (b0, b1), start = random_segment(S, D, docs, j, max(1, target - (a1 - a0)), rng), cut
             a0, a1, b0, b1 = truncate_pair(a0, a1, b0, b1, max_tokens, rng)
             pairs.append((a0, a1 - a0, b0, b1 - b0, label))
     return torch.tensor(pairs, dtype=torch.int64).view(-1, 5)
@@ -216,23 +199,21 @@ def truncate_pair(a0, a1, b0, b1, max_tokens, rng):
     return a0, a1, b0, b1
 
 def epoch_pairs(corpus, docs, cfg, epoch, n, made=None):
-    """New pairs (new A/B cuts, new NotNext partners) in a new order every epoch, as the paper's code makes
-    10 differently paired copies of the data: with fixed pairs, NSP memorises a small corpus. A function of
-    (seed, epoch) alone, so a resumed run sees the same. -> (n, 5), shuffled, repeated or cut to n pairs
-    (steps per epoch x batch); made: this epoch's make_pairs output, if the caller built it already."""
+    """New pairs (new A/B cuts and NotNext partners) in a new order each epoch, as the paper's code makes 10 differently
+    paired copies: with fixed pairs, NSP memorises a small corpus. A function of (seed, epoch) alone: a resumed run sees
+    the same. -> (n, 5): shuffled, repeated or cut to n (steps per epoch x batch); made: make_pairs' output if built."""
     pairs = make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob) if made is None else made
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
     return pairs[order.repeat(1 + n // len(pairs))[:n]]  # (n, 5)
 
 def collate(tokens, pairs, T):
-    """Pairs (B, 5) -> token ids and segment ids (B, T): [CLS] A [SEP] B [SEP] [PAD]..., gathered from
-    the corpus' tokens (corpus.ids) by tensor operations on the pairs' device (a GPU makes its own batches)."""
+    """Pairs (B, 5) -> token ids and segment ids (B, T): [CLS] A [SEP] B [SEP] [PAD]..., from tokens (corpus.ids)."""
     a0, la, b0, lb, nsp = (c[:, None] for c in pairs.unbind(1))  # (B, 1) each
     t = torch.arange(T, device=pairs.device)  # (T,) position: 0 [CLS] | 1..la A | la+1 [SEP] | la+2..la+lb+1 B | [SEP]
     in_a, in_b = (t >= 1) & (t <= la), (t >= la + 2) & (t < la + lb + 2)  # (B, T)
     src = torch.where(in_a, a0 + t - 1, b0 + t - la - 2)  # (B, T) where each token is in the corpus
     src = src.clamp(0, len(tokens) - 1)  # (positions outside A and B point anywhere: they become specials)
-    x = torch.where(in_a | in_b, tokens[src].long(), PAD)  # (B, T)
+    x = torch.where(in_a | in_b, tokens[src].long(), PAD)  # (B, T), gathered on the device: a GPU makes its batches
     x = torch.where((t == la + 1) | (t == la + lb + 2), SEP, torch.where(t == 0, CLS, x))
     seg = ((t >= la + 2) & (t <= la + lb + 2)).long()  # (B, T) 0 for [CLS] A [SEP], 1 for B [SEP]
     return x, seg, nsp[:, 0]  # nsp (B,): 0 = IsNext, 1 = NotNext
@@ -240,17 +221,13 @@ def collate(tokens, pairs, T):
 # ----------------------------------------------------------------------------- masking
 
 def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
-    """BERT's MLM corruption for a whole batch, drawn fresh every call, on the batch's device.
-
-    round(15 %) of each sequence's real tokens (at least one) are chosen; [CLS], [SEP], [PAD] never are.
-    Of those, 80 % become [MASK], 10 % a random token and 10 % stay: the model must keep a good
-    representation of every token, since it can't tell which were changed, and [MASK] never appears
-    at fine-tuning time. The choices fill P = ceil((T - 3) 15 %) slots per sequence, one shape for every
-    batch: 19 at T = 128, the most 125 real tokens need (the paper's code has 20). Slots past a row's
-    choices get the label -100 (ignored). -> inputs (B, T), positions (B, P), labels (B, P).
-    """
+    """BERT's MLM corruption for a whole batch, drawn fresh every call, on the batch's device. round(15 %) of each
+    sequence's real tokens (at least one) are chosen; [CLS], [SEP], [PAD] never are. Of those, 80 % become [MASK], 10 %
+    a random token and 10 % stay: the model must keep a good representation of every token, since it can't tell which
+    were changed, and [MASK] never appears at fine-tuning time. The choices fill P slots per sequence, one shape for
+    every batch; slots past a row's choices: label -100 (ignored). -> inputs (B, T), positions and labels (B, P)."""
     B, T = ids.shape  # batch, sequence length
-    P = math.ceil((T - 3) * mask_prob)  # prediction slots
+    P = math.ceil((T - 3) * mask_prob)  # prediction slots: 19 at T = 128, what 125 real tokens need (paper's code: 20)
     real = (ids != PAD) & (ids != CLS) & (ids != SEP)  # (B, T)
     k = (real.sum(1) * mask_prob).round().clamp(min=1)  # (B,) tokens to choose per row
     score = torch.rand(B, T, generator=gen, device=ids.device).masked_fill(~real, 2.0)  # specials sort last
@@ -265,28 +242,21 @@ def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
 # ----------------------------------------------------------------------------- model
 
 class Layer(nn.Module):
-    """One encoder layer: self-attention, then a feed-forward network; each sublayer's output is added to
-    its input, then normalised. Post-LayerNorm, as in the paper (pre-LN, as in GPT-2, trains more stably
-    at depth; post-LN is what BERT's weights expect)."""
-
+    """One encoder layer: self-attention, then a feed-forward network, each added to its input, then normalised."""
     def __init__(self, cfg):
         super().__init__()
         self.nh, self.p = cfg.heads, cfg.dropout
-        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)  # query, key, value in one matmul
-        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
-        self.ln1 = nn.LayerNorm(cfg.hidden, eps=1e-12)
-        self.fc1 = nn.Linear(cfg.hidden, cfg.ffn)
-        self.fc2 = nn.Linear(cfg.ffn, cfg.hidden)
-        self.ln2 = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.qkv, self.proj = nn.Linear(cfg.hidden, 3 * cfg.hidden), nn.Linear(cfg.hidden, cfg.hidden)  # fused q, k, v
+        self.ln1 = nn.LayerNorm(cfg.hidden, eps=1e-12)  # post-LN, as in the paper: what BERT's weights expect
+        self.fc1, self.fc2 = nn.Linear(cfg.hidden, cfg.ffn), nn.Linear(cfg.ffn, cfg.hidden)  # the feed-forward network
+        self.ln2 = nn.LayerNorm(cfg.hidden, eps=1e-12)  # (GPT-2's pre-LN trains more stably at depth)
 
     def forward(self, x, mask, idx=None):
-        """x (B, T, H) -> (B, T, H); mask (B, 1, 1, T): True at the keys a query may attend to (not [PAD]).
-        With idx (B, Tq): the output at those positions alone, (B, Tq, H), their queries still attending to
-        every position (the last layer, see BERT.forward). dropout() and attention() are F.dropout and
-        F.scaled_dot_product_attention, made cheaper on the CPU (after BERT)."""
+        """x (B, T, H) -> (B, T, H); mask (B, 1, 1, T): True at the keys a query may attend to (not [PAD]). With idx
+        (B, Tq): the output (B, Tq, H) there alone. dropout(), attention(): torch's, cheaper on the CPU (after BERT)."""
         B, T, H = x.shape  # batch, sequence length, hidden size
         q, k, v = self.qkv(x).split(H, dim=2)  # 3 x (B, T, H)
-        if idx is not None:
+        if idx is not None:  # BERT.forward's last layer: queries at idx alone, still attending to every position
             idx = idx[:, :, None].expand(-1, -1, H)  # (B, Tq, H)
             q, x = q.gather(1, idx), x.gather(1, idx)  # (B, Tq, H) the queries and the residual at those rows
         Tq, hs = q.size(1), H // self.nh  # query positions, head size
@@ -308,13 +278,11 @@ class BERT(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
         self.pool = nn.Linear(cfg.hidden, cfg.hidden)  # the tanh "pooler": [CLS] -> a sentence-pair vector
         self.nsp_head = nn.Linear(cfg.hidden, 2)  # IsNext / NotNext
-        self.mlm_dense = nn.Linear(cfg.hidden, cfg.hidden)
-        self.mlm_ln = nn.LayerNorm(cfg.hidden, eps=1e-12)
+        self.mlm_dense, self.mlm_ln = nn.Linear(cfg.hidden, cfg.hidden), nn.LayerNorm(cfg.hidden, eps=1e-12)
         self.decoder = nn.Linear(cfg.hidden, cfg.vocab_size)  # with its own bias, but ...
         self.apply(self._init)
-        # ... its weight *is* the input embedding (tied): a word's input vector and its output
-        # vector are one, which saves V x H parameters and helps rare words learn from both ends
-        self.decoder.weight = self.tok_emb.weight
+        # ... its weight *is* the input embedding (tied): a word's input vector and its output vector are one
+        self.decoder.weight = self.tok_emb.weight  # which saves V x H parameters; rare words learn from both ends
         self.p = cfg.dropout
 
     @staticmethod
@@ -325,53 +293,46 @@ class BERT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, ids, seg, pos=None):
-        """ids, seg (B, T) -> MLM logits (B, T, V) and NSP logits (B, 2). With pos (B, P), the masked positions
-        that mask_tokens chose: MLM logits there alone, (B, P, V). The losses read the last layer only at [CLS]
-        and at those positions, so the last layer and the V-wide decoder run there alone: the same losses and
-        gradients (tested), less work. Measured, 2 cores, mini, batch 32 x 128: 927 ms per training step, against
-        2,145 ms with the last layer and the decoder at every position (2.3x)."""
+        """ids, seg (B, T) -> MLM logits (B, T, V), NSP logits (B, 2). With pos (B, P), the positions mask_tokens chose:
+        MLM logits there alone, (B, P, V). The losses read the last layer only at [CLS] and those positions, so the last
+        layer and the V-wide decoder run there alone: the same losses and gradients (tested), less work. Measured, 2
+        cores, mini, batch 32 x 128: 927 ms per training step, against 2,145 ms with both at every position (2.3x)."""
         x, pooled = self.encode(ids, seg, None if pos is None else F.pad(pos, (1, 0)))  # [CLS] (position 0), pos
         h = x if pos is None else x[:, 1:]  # (B, T or P, H)
         return self.decoder(self.mlm_ln(F.gelu(self.mlm_dense(h)))), self.nsp_head(pooled)  # (B, T or P, V), (B, 2)
 
     def encode(self, ids, seg, idx=None):
-        """The encoder alone, for a head of your own: ids, seg (B, T) -> the last layer's hidden states (B, T, H)
-        (only at the positions idx (B, Tq), if given) and the pooled [CLS] vector (B, H). No V-wide logits."""
+        """The encoder alone, for a head of your own: ids, seg (B, T) -> hidden states, pooled [CLS] (no MLM logits)."""
         mask = (ids != PAD)[:, None, None, :]  # (B, 1, 1, T) the keys a query may attend to
         x = self.tok_emb(ids) + self.pos_emb.weight[: ids.size(1)] + self.seg_emb(seg)  # (B, T, H)
         x = dropout(self.emb_ln(x), self.p, self.training)  # (B, T, H)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, idx if i == len(self.layers) - 1 else None)  # (B, T or Tq, H)
-        return x, torch.tanh(self.pool(x[:, 0]))  # (B, T or Tq, H), (B, H)
+        return x, torch.tanh(self.pool(x[:, 0]))  # the last layer's (B, T, H), or (B, Tq, H) at idx; (B, H)
 
 class Classifier(nn.Module):
-    """BERT fine-tuned for a label per text or text pair (the paper's section 3.2), the layout of transformers'
-    BertForSequenceClassification: the pretrained encoder and pooler, dropout, one new linear layer; all trained."""
-
+    """BERT fine-tuned for a label per text or text pair (the paper's section 3.2), as BertForSequenceClassification."""
     def __init__(self, cfg, n_labels):
         super().__init__()
         self.bert, self.p = BERT(cfg), cfg.dropout
-        self.classifier = nn.Linear(cfg.hidden, n_labels)
+        self.classifier = nn.Linear(cfg.hidden, n_labels)  # the one new layer, on the pooled [CLS]; all weights train
         BERT._init(self.classifier)
 
     def forward(self, ids, seg):  # ids, seg (B, T) -> logits (B, n_labels)
         return self.classifier(dropout(self.bert.encode(ids, seg)[1], self.p, self.training))
 
-# Dropout on the CPU, made cheaper: torch draws one random number per element there, and that costs more than
-# the matmuls. Measured, 2 cores, mini, batch 32, 3 rounds: a training step takes ~930 ms with these two
-# functions, ~1070 ms with F.dropout and F.scaled_dot_product_attention alone (13 %). A GPU uses torch's own.
-
+# Dropout on the CPU, made cheaper: torch draws one random number per element there, which costs more than the matmuls.
+# Measured, 2 cores, mini, batch 32, 3 rounds: a step takes ~930 ms with these two, ~1070 ms with torch's own (13 %).
 def dropout(x, p, training):
     """F.dropout; on the CPU each 64-bit random draw gives four 15-bit ones (P(keep) = 1 - p to within 2^-15)."""
-    if not training or p == 0 or x.device.type != "cpu":
+    if not training or p == 0 or x.device.type != "cpu":  # a GPU uses torch's own
         return F.dropout(x, p, training)
     bits = torch.randint(0, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)[: x.numel()]
     return torch.where((bits & 0x7FFF).view(x.shape) >= round(p * 32768), x / (1 - p), 0.0)
 
 def attention(q, k, v, mask, p):
-    """softmax(q k^T / sqrt(hs)) v over the keys that mask allows, dropout p on the weights: torch's fused
-    kernel; on the CPU with dropout, the same written out, so that it uses the cheaper masks above."""
-    if p == 0 or q.device.type != "cpu":
+    """softmax(q k^T / sqrt(hs)) v over the keys that mask allows, dropout p on the weights."""
+    if p == 0 or q.device.type != "cpu":  # torch's fused kernel; on the CPU with dropout, written out to use dropout()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, Tq, hs)
     att = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).masked_fill(~mask, float("-inf"))  # (B, nh, Tq, T)
     return dropout(att.softmax(-1), p, True) @ v  # (B, nh, Tq, hs)
@@ -379,10 +340,8 @@ def attention(q, k, v, mask, p):
 # ----------------------------------------------------------------------------- training
 
 def lr_at(step, total, cfg):
-    """Linear warm-up over the first `warmup` share of the run, then linear decay to 0 at its end. In optimizer
-    steps; in seconds of training for a --budget run, whose schedule follows the clock (as in Geiping and
-    Goldstein 2022, "Cramming"): the run ends, its learning rate at 0, when the budget is spent."""
-    warm = max(1, int(cfg.warmup * total))
+    """Linear warm-up over the run's first `warmup` share, then linear decay to 0 at its end, in optimizer steps."""
+    warm = max(1, int(cfg.warmup * total))  # --budget: in seconds (Geiping and Goldstein 2022, "Cramming")
     return cfg.lr * min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
 
 def make_optimizer(model, cfg):
@@ -396,10 +355,8 @@ def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls a
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 class CrossEntropySum(torch.autograd.Function):
-    """F.cross_entropy(logits, target, reduction="sum"), ignoring target -100, with a cheaper backward: the
-    gradient softmax - onehot made in place from the saved log-probabilities, no (M, V) zero-filled gradient
-    to scatter into. Measured, 2 cores, batch 32 (M, V = 608, 16384): tiny's step 307 -> 235 ms, mini's 3 %."""
-
+    """F.cross_entropy(logits, target, reduction="sum") ignoring -100, with a cheaper backward: no (M, V) zero-filled
+    gradient to scatter into. Measured, 2 cores, batch 32 (M, V = 608, 16384): tiny's step 307 -> 235 ms, mini's 3 %."""
     @staticmethod
     def forward(ctx, logits, target):
         logp, used, t = logits.log_softmax(-1), target != -100, target.clamp(min=0)  # (M, V), (M,), (M,)
@@ -414,12 +371,11 @@ class CrossEntropySum(torch.autograd.Function):
         return d.mul_((used * grad)[:, None]), None
 
 def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
-    """The paper's objective, MLM + NSP cross-entropy, as sums over the whole batch's counts (n_mlm masked
-    tokens, n_seq sequences), so that micro-batches and GPUs add up to the batch's means. -> the loss, and
-    (loss, MLM, NSP, MLM acc, NSP acc) detached. No host sync, no data-dependent shape: it compiles whole.
-    Known-good: at step 0 the loss is ln V + ln 2 (9.70 + 0.69 at V = 16384, tested); mini on WikiText-2,
-    31 epochs, reached held-out MLM accuracy 0.33 and NSP 0.87 (one H100, an earlier version of this file)."""
-    with autocast(ids.device):
+    """The paper's objective, MLM + NSP cross-entropy, as sums over the whole batch's counts (n_mlm masked tokens, n_seq
+    sequences), so micro-batches and GPUs add up to the batch's means. -> the loss, and (loss, MLM, NSP, MLM acc,
+    NSP acc) detached. Known-good: at step 0 the loss is ln V + ln 2 (9.70 + 0.69 at V = 16384, tested); mini on
+    WikiText-2, 31 epochs: held-out MLM accuracy 0.33, NSP 0.87 (one H100, an earlier version of this file)."""
+    with autocast(ids.device):  # no host sync, no data-dependent shape below: it compiles whole
         mlm_logits, nsp_logits = model(ids, seg, pos)  # (B, P, V), (B, 2)
     mlm = CrossEntropySum.apply(mlm_logits.flatten(0, 1).float(), labels.flatten()) / n_mlm
     nsp_loss = F.cross_entropy(nsp_logits.float(), nsp, reduction="sum") / n_seq
@@ -428,13 +384,12 @@ def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
     return mlm + nsp_loss, torch.stack([mlm + nsp_loss, mlm, nsp_loss, mlm_acc, nsp_acc]).detach()
 
 def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1, norms=None):
-    """One optimizer step on a batch (the same on every rank): this rank's share in grad_accum micro-batches,
-    clip, AdamW. norms: the whole batch's counts that loss_fn divides by (by default pretraining_loss's: masked
-    tokens, sequences). -> loss_fn's stats, and 1.0 if the step was skipped; both stay on the device."""
+    """One optimizer step on a batch (the same on every rank): this rank's share in grad_accum micro-batches, clip,
+    AdamW. norms: the whole batch's counts loss_fn divides by. -> loss_fn's stats, and 1.0 if the step was skipped."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     B = len(batch[0])  # batch: the whole batch, the same on every rank (pretraining's: ids, seg, pos, labels, nsp)
-    norms = ((batch[3] != -100).sum(), B) if norms is None else norms
+    norms = ((batch[3] != -100).sum(), B) if norms is None else norms  # pretraining_loss's: masked tokens, sequences
     mine = [t[rank * B // world : (rank + 1) * B // world].chunk(cfg.grad_accum) for t in batch]  # this rank's
     stats = 0
     for i, micro in enumerate(zip(*mine)):
@@ -442,21 +397,16 @@ def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1, norms
             loss, s = loss_fn(model, *micro, *norms)
             (loss * world).backward()  # DDP averages the ranks' gradients; the batch's loss is their sum
         stats = stats + s
-    norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    # A non-finite loss gives a non-finite norm; then fused AdamW skips the update, weights and moments
-    # alike, on the device: it reads found_inf, which GradScaler sets (not a documented API: a test pins it).
-    # So the guard costs no host sync.
-    optimizer.found_inf = (~norm.isfinite()).float()
-    optimizer.step()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)  # non-finite if a loss is
+    optimizer.found_inf = (~norm.isfinite()).float()  # as GradScaler sets it (not a documented API: a test pins it)
+    optimizer.step()  # fused AdamW skips a found_inf step, weights and moments alike, on the device: no host sync
     optimizer.zero_grad(set_to_none=True)
-    return stats, optimizer.found_inf
+    return stats, optimizer.found_inf  # both stay on the device
 
 def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
-    """The loop, over the documents train_docs (indices) of a Corpus; val_pairs: held-out pairs, or None.
-    resume: a checkpoint's state to go on from. stop_at: stop after that step, as Ctrl-C does (for tests).
-    Under torchrun every process runs it; rank 0 alone prints, evaluates and saves."""
+    """The loop, over the documents train_docs (indices) of a Corpus; val_pairs: held-out pairs, or None."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = print if rank == 0 else (lambda *a, **k: None)  # torchrun: rank 0 alone prints, evaluates and saves
     device, B, T = torch.device(cfg.device), cfg.batch_size, cfg.max_len
     torch.manual_seed(cfg.seed)
     raw = BERT(cfg).to(device)  # the same initial weights on every rank
@@ -472,7 +422,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     total = math.inf if cfg.budget else cfg.max_steps or cfg.epochs * steps_per_epoch  # in steps
     budget = 60 * cfg.budget or math.inf  # in seconds of training: evaluations and checkpoints don't count
     step, history, saved, trained = 0, [], None, 0.0  # trained: seconds spent training
-    if resume is not None:  # weights, moments and random generators: as if the run had never stopped
+    if resume is not None:  # a checkpoint's state: weights, moments, random generators, as if it had never stopped
         if resume["n_train_pairs"] != N:
             die(f"--resume: this data gives {N} training pairs, the checkpoint's run had {resume['n_train_pairs']}; "
                 "pass the same --data")
@@ -501,7 +451,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     skipped, in_a_row, worst = (torch.zeros((), device=device) for _ in range(3))  # non-finite steps
     first, pairs, n_steps, t_data, t0 = step, None, 0, 0.0, time.time()
     clock0 = t0 - trained  # trained = the time since clock0, which moves on by each pause to evaluate and save
-    with stop_request() as stopped:
+    with stop_request() as stopped:  # Ctrl-C, or stop_at (for tests): stop after that step
         while step < total and trained < budget:
             # the batch: B of this epoch's pairs, as token ids, then masked; all on the device
             t, (epoch, i) = time.time(), divmod(step, steps_per_epoch)
@@ -521,13 +471,11 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             if cfg.compile and step == first + 1:
                 say(f"compile: {time.time() - t0:.1f} s (the first step)")
             last_step, log_now = step == total or trained >= budget, step % cfg.log_every == 0
-            stop = stopped[0] or step == stop_at
+            stop = (stopped[0] or step == stop_at) and (world == 1 or log_now)  # torchrun: it waits for a log step
             if world > 1 and log_now:  # the ranks must stop at the same step: they agree on it at log steps
                 flag = torch.tensor(float(stop), device=device)
                 dist.all_reduce(flag, dist.ReduceOp.MAX)
                 stop = bool(flag)  # a host sync, once per log interval
-            elif world > 1:
-                stop = False  # a stop request waits for the next log step
             evaluate_now = step % steps_per_epoch == 0 or step % cfg.save_every == 0 or last_step
             # log: the device's counters are read here, once per interval
             if (log_now or evaluate_now or stop) and worst >= 3:
@@ -580,8 +528,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
 
 @torch.no_grad()
 def fill_mask(model, tok, text, max_len, top_k=5):
-    """-> for each [MASK] in text, the top_k (word, probability) guesses; and how many windows of max_len
-    tokens were read: one around each [MASK] the windows before it missed, so every [MASK] is answered."""
+    """-> the top_k (word, probability) guesses for each [MASK] in text, and how many windows of max_len tokens."""
     model.eval()  # no dropout
     body, W = tok.encode(text, add_special_tokens=False).ids, max_len - 2  # W: text tokens per window
     masks = [i for i, t in enumerate(body) if t == MASK]
@@ -593,16 +540,15 @@ def fill_mask(model, tok, text, max_len, top_k=5):
         for m in [m for m in masks[len(guesses) :] if m < start + W]:
             top = probs[m - start].topk(min(top_k, probs.size(-1)))
             guesses.append([(tok.id_to_token(i), p) for p, i in zip(top.values.tolist(), top.indices.tolist())])
-        windows += 1
+        windows += 1  # one around each [MASK] the windows before it missed, so every [MASK] is answered
     return guesses, windows
 
 # ----------------------------------------------------------------------------- evaluation, checkpoints, Ctrl-C
 
 @torch.no_grad()
 def evaluate(model, tokens, pairs, cfg, batch_size=64):
-    """Held-out MLM loss and accuracy, NSP accuracy, and top_share: the share of the most frequent MLM
-    prediction (near 1: one token predicted everywhere). Masks from a fixed seed: the same every time."""
-    was_training, gen = model.training, torch.Generator(tokens.device).manual_seed(cfg.seed)
+    """Held-out MLM loss and accuracy, NSP accuracy, and top_share: the most frequent MLM prediction's share."""
+    was_training, gen = model.training, torch.Generator(tokens.device).manual_seed(cfg.seed)  # same masks every call
     model.eval()
     loss, hits, nsp_hits, counts = 0, 0, 0, torch.zeros(cfg.vocab_size, device=tokens.device)
     for i in range(0, len(pairs), batch_size):
@@ -618,7 +564,7 @@ def evaluate(model, tokens, pairs, cfg, batch_size=64):
     model.train(was_training)
     n = counts.sum()
     return {"mlm_loss": float(loss / n), "mlm_acc": float(hits / n), "nsp_acc": float(nsp_hits) / len(pairs),
-            "top_share": float(counts.max() / n)}
+            "top_share": float(counts.max() / n)}  # near 1: one token predicted everywhere
 
 def health_warning(history, m):
     """A warning if evaluation m shows the run collapsing or diverging, else None. The plateau before MLM accuracy
@@ -634,28 +580,26 @@ def health_warning(history, m):
     return None
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename it over the old one. A kill at any instant leaves
-    the old checkpoint or the new one, never half of one; a write cut short removes its temporary file."""
+    """Atomic: write a temporary file, then rename it over the old one."""
     try:
         with open(path + ".tmp", "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+        os.replace(path + ".tmp", path)  # a kill at any instant leaves the old checkpoint or the new, never half of one
     except BaseException as e:
         with suppress(OSError):
-            os.remove(path + ".tmp")
+            os.remove(path + ".tmp")  # a write cut short removes its temporary file
         if KeyboardInterrupt in (type(e), type(e.__context__)):  # a second Ctrl-C, mid-write
             raise KeyboardInterrupt from None  # (not the zip writer's complaint about being cut short)
         raise
 
 @contextmanager
 def stop_request():
-    """Ctrl-C or SIGTERM sets stop[0]; the loop saves and exits between steps, never mid-update (under
-    torchrun, at the next log step, so that every rank stops at the same one). A second Ctrl-C aborts."""
+    """Ctrl-C or SIGTERM sets stop[0]; the loop saves and exits between steps, never mid-update."""
     stop = [False]
     def handle(sig, frame):
-        if stop[0]:
+        if stop[0]:  # a second Ctrl-C aborts
             raise KeyboardInterrupt
         stop[0] = True
         print("\nstopping after this step (Ctrl-C again: abort without saving)", file=sys.stderr)
@@ -706,17 +650,16 @@ def read_cornell(folder):
     return [d for d in ([lines[i] for i in ids if lines.get(i)] for ids in convs) if d]
 
 def read_corpus(paths):
-    """--data FILE [FILE ...] -> documents. A file: UTF-8 text in WikiText layout (.gz: compressed) or a
-    Parquet file's "text" column (as the hub stores WikiText); a folder: the Cornell Movie-Dialogs."""
+    """--data FILE [FILE ...] -> documents, from text or Parquet files, or the Cornell Movie-Dialogs folder."""
     docs = []
     for path in paths:
         try:
             if os.path.isdir(path):
                 docs += read_cornell(path)
-            elif path.endswith(".parquet"):
+            elif path.endswith(".parquet"):  # its "text" column, as the hub stores WikiText
                 import pyarrow.parquet as pq
                 docs += parse_wikitext(pq.read_table(path, columns=["text"]).column("text").to_pylist())
-            else:
+            else:  # UTF-8 text in WikiText layout (.gz: compressed)
                 with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
                     docs += parse_wikitext(f.read().splitlines())
         except FileNotFoundError:
@@ -730,8 +673,7 @@ def read_corpus(paths):
     return docs or die(f"--data {' '.join(paths)} holds no text; pass a file with sentences in it")
 
 def load_hub(cfg, splits):
-    """Splits of a Hugging Face hub dataset, the first one required -> {split: documents}: its "text" column,
-    read as a --data file is (WikiText's layout; in a dataset without title lines, each row is a document)."""
+    """Splits of a Hugging Face hub dataset, the first one required -> {split: documents}, read as a --data file."""
     try:
         import datasets
         import huggingface_hub
@@ -761,9 +703,8 @@ def pairs_or_die(corpus, docs, cfg, seed):
                                         "of two sentences or more")
 
 def cached_corpus(tok, docs, folder, save=True):
-    """encode_corpus, cached in folder/corpus-KEY.pt. KEY hashes the text and the tokenizer, so a cache of
-    other text or of another tokenizer is never used; a damaged one is rebuilt. -> (Corpus, cached?)"""
-    h = hashlib.sha256(tok.to_str().encode())
+    """encode_corpus, cached in folder/corpus-KEY.pt; a damaged cache is rebuilt. -> (Corpus, cached?)"""
+    h = hashlib.sha256(tok.to_str().encode())  # KEY: the tokenizer and the text, so no other's cache is ever used
     for d in docs:
         h.update("\n".join(d).encode() + b"\0")
     path = os.path.join(folder, f"corpus-{h.hexdigest()[:16]}.pt")
@@ -792,9 +733,8 @@ def load_checkpoint(folder):
         die(f"{path} is not a minibert checkpoint ({type(e).__name__}); retrain, or point --ckpt at another folder")
 
 def load_tokenizer(path):
-    """train --tokenizer: a minibert checkpoint (its folder or model.pt), a tokenizer.json (WordPiece, as export
-    writes) or a BERT vocab.txt (one token a line) -> the tokenizer, BERT's uncased pipeline, its specials first."""
-    if os.path.isdir(path) or path.endswith(".pt"):
+    """train --tokenizer: a checkpoint, a tokenizer.json (WordPiece, as export writes) or a vocab.txt -> a tokenizer."""
+    if os.path.isdir(path) or path.endswith(".pt"):  # a minibert checkpoint: its folder or model.pt
         return load_checkpoint(path)[1]
     try:
         with open(path, encoding="utf-8") as f:
@@ -827,9 +767,8 @@ TEXT_COLUMNS = [("sentence1", "sentence2"), ("question1", "question2"), ("questi
                 ("premise", "hypothesis"), ("sentence",), ("text",)]  # GLUE's files, and the common names
 
 def read_labelled(path, cols=None, label="label", names=None):
-    """A .tsv or .csv file with a header -> rows (texts: a tuple of one or two, label id), label names, text
-    columns, rows skipped (a field empty or missing). Text columns: cols, else the first of TEXT_COLUMNS in the
-    header. names: the labels a model knows; else the file's, sorted (as numbers if all are integers)."""
+    """A .tsv or .csv with a header -> rows ((one or two texts), label id), label names, text columns, rows skipped.
+    cols: text columns; names: the labels a model knows (else the file's, sorted; as numbers if all are integers)."""
     try:
         with open(path, encoding="utf-8", newline="") as f:  # GLUE's .tsv files quote nothing: a quote is text
             tsv = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if path.endswith(".tsv") else {}
@@ -837,12 +776,12 @@ def read_labelled(path, cols=None, label="label", names=None):
     except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: an empty file, no header
         die(f"cannot read {path} ({getattr(e, 'strerror', None) or getattr(e, 'reason', None) or 'empty'}); pass a "
             "UTF-8 .tsv or .csv file with a header")
-    cols = cols or next((c for c in TEXT_COLUMNS if set(c) <= set(header)), ())
+    cols = cols or next((c for c in TEXT_COLUMNS if set(c) <= set(header)), ())  # else the header's first of these
     if label not in header or not cols or not set(cols) <= set(header):
         die(f"{path} has the columns {', '.join(header)}: it needs a {label!r} column (--label_col) and one or two "
             "text columns (--text_cols; found by name: sentence, text, sentence1/sentence2, question/sentence...)")
     kept = [f for f in ([r[header.index(c)].strip() for c in (*cols, label)] for r in rows if len(r) == len(header))
-            if all(f)]
+            if all(f)]  # rows with a field empty or missing are skipped
     labels = {f[-1] for f in kept}
     names = names or sorted(labels, key=int if all(v.lstrip("-").isdigit() for v in labels) else str)
     if unknown := labels - set(names):
@@ -851,17 +790,15 @@ def read_labelled(path, cols=None, label="label", names=None):
     return [(tuple(f[:-1]), names.index(f[-1])) for f in kept], names, cols, len(rows) - len(kept)
 
 def encode_rows(tok, rows, max_len):
-    """rows (texts, label) -> ((ids, segment ids), label): [CLS] a [SEP], or [CLS] a [SEP] b [SEP] as in
-    pretraining, cut to max_len tokens (the longer text first); and how many were cut."""
-    tok.enable_truncation(max_len)
-    enc = tok.encode_batch([t if len(t) == 2 else t[0] for t, _ in rows])
+    """rows (texts, label) -> ((ids, segment ids), label), cut to max_len tokens; and how many were cut."""
+    tok.enable_truncation(max_len)  # cuts the longer text first
+    enc = tok.encode_batch([t if len(t) == 2 else t[0] for t, _ in rows])  # [CLS] a [SEP] (b [SEP]), as in pretraining
     tok.no_truncation()
     return [((e.ids, e.type_ids), y) for e, (_, y) in zip(enc, rows)], sum(len(e.overflowing) > 0 for e in enc)
 
 def padded(rows, device):
-    """-> ids, seg (B, T), labels (B,). Padded with 0 ([PAD], segment 0) to the longest row, not to max_len;
-    rounded up to 8 tokens, so that the CPU's kernels see fewer shapes (each new one costs a plan)."""
-    T = -(-max(len(x[0]) for x, _ in rows) // 8) * 8
+    """-> ids, seg (B, T), labels (B,): padded with 0 ([PAD], segment 0) to the longest row (not to max_len)."""
+    T = -(-max(len(x[0]) for x, _ in rows) // 8) * 8  # a multiple of 8: fewer shapes (each new one costs a CPU plan)
     ids, seg = ([t + [PAD] * (T - len(t)) for t in col] for col in zip(*(x for x, _ in rows)))
     return tuple(torch.tensor(t, device=device) for t in (ids, seg, [y for _, y in rows]))
 
@@ -881,8 +818,7 @@ def evaluate_classifier(model, rows, device):  # -> mean loss and accuracy
     return dict(zip(("loss", "acc"), s.tolist()))
 
 def finetune(cfg, model, tok, rows, val, meta, stop_at=None):
-    """Train a Classifier on rows: AdamW, warm-up and linear decay, clipping (train_step). After each epoch, loss
-    and accuracy on val; the best epoch's model is saved, with meta (the labels, the columns)."""
+    """Train a Classifier on rows (train_step, lr_at); evaluate on val after each epoch; keep the best, with meta."""
     device, B, N = torch.device(cfg.device), cfg.batch_size, len(rows)
     optimizer, gen = make_optimizer(model.to(device).train(), cfg), torch.Generator().manual_seed(cfg.seed)
     total, step, best = cfg.epochs * math.ceil(N / B), 0, None
@@ -916,19 +852,17 @@ def finetune(cfg, model, tok, rows, val, meta, stop_at=None):
 # ----------------------------------------------------------------------------- bench
 
 def train_flops(cfg, B, T, P):
-    """Useful FLOPs of one training step (2 per multiply-add; backward = 2 x forward), as run: the last
-    layer's attention output, its FFN and the MLM head at [CLS] and the P prediction slots only."""
-    H, F_, V = cfg.hidden, cfg.ffn, cfg.vocab_size
+    """Useful FLOPs per training step as run: the last layer's attention output, FFN and MLM head at [CLS] + P slots."""
+    H, F_, V = cfg.hidden, cfg.ffn, cfg.vocab_size  # 2 FLOPs per multiply-add
     layer = 2 * (4 * H * H + 2 * H * F_) + 4 * T * H  # per position: qkv, proj, ffn; q.k and att.v
     last = B * T * 2 * 3 * H * H + B * (1 + P) * (2 * (H * H + 2 * H * F_) + 4 * T * H)
     heads = B * P * 2 * (H * H + H * V) + B * 2 * (H * H + 2 * H)  # MLM at the slots; pooler and NSP
-    return 3 * ((cfg.layers - 1) * B * T * layer + last + heads)
+    return 3 * ((cfg.layers - 1) * B * T * layer + last + heads)  # backward = 2 x forward
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 def bench(cfg, steps=20, warmup=5):
-    """Time train_step (forward, losses, backward, clip, AdamW) on a synthetic batch of full sequences. MFU:
-    against a GPU's dense bf16 peak; on the CPU, against the fp32 rate it reaches (1024^3 matmuls)."""
+    """Time train_step (forward, losses, backward, clip, AdamW) on a synthetic batch of full sequences, and its MFU."""
     device, B, T, V = torch.device(cfg.device), cfg.batch_size, cfg.max_len, cfg.vocab_size
     torch.backends.cuda.matmul.allow_tf32 = True  # on CUDA, for what autocast leaves in fp32
     torch.manual_seed(cfg.seed)
@@ -977,10 +911,9 @@ HF_NAMES = {  # minibert module -> Hugging Face BertForPreTraining module ({i}: 
 
 def hf_state_dict(sd, cfg):
     """Rename (and split the fused qkv of) a minibert state dict to Hugging Face's names."""
-    out = {}
-    for i, kind in itertools.product(range(cfg.layers), ("weight", "bias")):
-        for name, t in zip(("query", "key", "value"), sd[f"layers.{i}.qkv.{kind}"].chunk(3)):
-            out[f"bert.encoder.layer.{i}.attention.self.{name}.{kind}"] = t
+    out = {f"bert.encoder.layer.{i}.attention.self.{name}.{kind}": t
+           for i, kind in itertools.product(range(cfg.layers), ("weight", "bias"))
+           for name, t in zip(("query", "key", "value"), sd[f"layers.{i}.qkv.{kind}"].chunk(3))}
     for ours, theirs in HF_NAMES.items():
         for i, kind in itertools.product(range(cfg.layers if "{i}" in ours else 1), ("weight", "bias")):
             if f"{ours.format(i=i)}.{kind}" in sd and (ours, kind) != ("decoder", "weight"):
@@ -988,8 +921,7 @@ def hf_state_dict(sd, cfg):
     return out
 
 def export_hf(folder, to):
-    """A folder that transformers' BertForPreTraining (a classifier: BertForSequenceClassification).from_pretrained
-    and AutoTokenizer load: tensors renamed and a few JSON files (minibert does not import transformers)."""
+    """A folder that transformers' from_pretrained and AutoTokenizer load (minibert does not import transformers)."""
     model, tok, cfg, state = load_model(folder, "cpu")  # another version's checkpoint: one line, nothing written
     labels, sd = state.get("labels"), model.state_dict()
     arch = "BertForSequenceClassification" if labels else "BertForPreTraining"
@@ -1032,14 +964,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"minibert: error: {message} (see: python {self.prog} --help)\n")
 
 def add_config_flags(p, names=None, defaults={}):
-    """Every Config field (or those in names) becomes a flag of the same name and type, its comment the help:
-    they can't drift. defaults: what the help says where the command's default is not Config's."""
+    """Each Config field (or those in names) becomes a flag of its name and type, its comment the help: no drift."""
     helps = dict(re.findall(r"^    (\w+): \w+ = .+?  # (.+)$", inspect.getsource(Config), re.M))
     for f in (f for f in dataclasses.fields(Config) if names is None or f.name in names.split()):
         h = f"{helps[f.name]} (default {defaults.get(f.name, f.default)})".replace("%", "%%")
         kind = (dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(choices=DEVICES)
                 if f.name == "device" else dict(type=f.type, metavar=f.type.__name__.upper()))
-        p.add_argument(f"--{f.name}", help=h, **kind)
+        p.add_argument(f"--{f.name}", help=h, **kind)  # defaults: the help's, where a command's differs from Config's
     if names is None:
         presets = ", ".join(f"{k} ({n} x {h}, lr {lr:g})" for k, (n, h, lr, _) in PRESETS.items())
         p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; "
