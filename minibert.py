@@ -85,8 +85,9 @@ class Config:  # each field's comment is also its flag's --help (add_config_flag
     compile: bool = False  # torch.compile the step: forward, both losses and backward as one graph
     out: str = "out"  # checkpoint folder
 
-# After Turc et al. 2019, name: (layers, hidden, peak lr, fine-tuning lr); heads = hidden / 64, ffn = 4 hidden. The
-# rates are measured (held-out MLM on WikiText-2, SST-2 accuracy; the README), but small's and medium's fine-tuning.
+# After Turc et al. 2019, name: (layers, hidden, peak lr, fine-tuning lr); heads = hidden / 64, ffn = 4 hidden. Peak
+# rates: the best on held-out MLM. Fine-tuning: tiny's 1e-3 beat 3e-4 and 3e-3 on SST-2 (8k rows, SST-2 accuracy
+# pretrained / --scratch: 0.82 / 0.83, 0.79 / 0.83, 0.70 / 0.59); the others are Google's for its small BERTs, untried.
 PRESETS = {"tiny": (2, 128, 2e-3, 1e-3), "mini": (4, 256, 5e-4, 3e-4), "small": (4, 512, 2e-4, 1e-4),
            "medium": (8, 512, 1.5e-4, 1e-4), "base": (12, 768, 1e-4, 5e-5)}
 
@@ -1012,7 +1013,7 @@ def writable(out):
     except OSError as e:
         die(f"cannot write to --out {out} ({e.strerror}); pick another folder with --out")
 
-CPU_BUDGET = 15  # minutes: on 2 cores, tiny ends {{TBD}}
+CPU_BUDGET = 15  # minutes: ~3,500 steps of tiny on 2 cores, held-out MLM accuracy 0.147, NSP 0.69 (README)
 
 def cmd_train(args):
     if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs

@@ -341,6 +341,8 @@ def test_sections_copy_paste_alone():
     cfg = ns["Config"](layers=1, hidden=32, heads=2, ffn=37, vocab_size=99, max_len=24)
     mlm, nsp_logits = ns["BERT"](cfg)(inputs, seg, pos)
     assert mlm.shape == (3, pos.size(1), 99) and nsp_logits.shape == (3, 2)
+    hidden, pooled = ns["BERT"](cfg).encode(inputs, seg)  # a head of your own on the encoder, or the classifier
+    assert hidden.shape == (3, 24, 32) and pooled.shape == (3, 32) and ns["Classifier"](cfg, 4)(inputs, seg).shape == (3, 4)
 
 
 # ---------------------------------------------------------------------------- checkpoints, resume, the cache
