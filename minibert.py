@@ -1,34 +1,31 @@
 """minibert: BERT pretraining from scratch, in one file of plain PyTorch.
 
-The recipe of Devlin et al. (2018): a WordPiece vocabulary, [CLS] A [SEP] B [SEP] sentence pairs,
-token + position + segment embeddings, a post-LayerNorm Transformer encoder, and two heads trained
-jointly with their losses summed: masked-language modelling (MLM) and next-sentence prediction
-(NSP). Every weight has its counterpart in Hugging Face's BertForPreTraining (`export` renames them).
+The recipe of Devlin et al. (2018): WordPiece, [CLS] A [SEP] B [SEP] sentence pairs, token + position + segment
+embeddings, a post-LayerNorm Transformer encoder, two heads trained jointly, their losses summed: masked-language
+modelling (MLM) and next-sentence prediction (NSP). Weight for weight, transformers' BertForPreTraining (`export`).
 
     python minibert.py train --device cuda            # WikiText-2 from the Hugging Face hub
     python minibert.py train --data wiki.txt          # offline: any text file
     python minibert.py demo "the [MASK] sat on the mat ."
     torchrun --nproc_per_node 4 minibert.py train     # several GPUs: DistributedDataParallel
 
-It reads in the order the data flows: config, tokenizer, corpus and pairs, masking, model, training, demo. Then what
-the command line adds: evaluation and checkpoints, reading files and the hub, fine-tuning, bench, export, the CLI.
+Left out on purpose: a Trainer with callbacks, output objects, head pruning, cross-attention, key/value caches,
+whole-word masking, the 512-token second phase (a separate --max_len 512 run), heads beyond a classifier (use `export`).
 
-Left out on purpose: a Trainer class with callbacks, output objects, head pruning, cross-attention
-and key/value caches, whole-word masking, the paper's second phase at 512 tokens (a separate
---max_len 512 run), and fine-tuning heads beyond a classifier (export to transformers for those).
-
-References: Devlin et al. 2018, "BERT" (arXiv:1810.04805); Turc et al. 2019, "Well-Read Students
-Learn Better" (the size presets); google-research/bert, create_pretraining_data.py."""
+References: Devlin et al. 2018, "BERT" (arXiv:1810.04805); Turc et al. 2019, "Well-Read Students Learn Better" (the size
+presets); google-research/bert, create_pretraining_data.py."""
 
 import argparse
 import bisect
+import bz2
 import csv
 import dataclasses
 import gzip
 import hashlib
 import inspect
-import itertools
+import io
 import json
+import lzma
 import math
 import os
 import random
@@ -40,6 +37,7 @@ import timeit
 from array import array
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -60,14 +58,12 @@ class Config:  # each field's comment is also its flag's --help (add_config_flag
     vocab_size: int = 16384  # WordPiece vocabulary V, in tokens (a small corpus may give fewer)
     max_position: int = 512  # learned position embeddings, in tokens
     dropout: float = 0.1  # on the embeddings, the attention probabilities and each residual branch
-    # data
     dataset: str = "Salesforce/wikitext"  # Hugging Face hub dataset with a text column, if no --data
     dataset_config: str = "wikitext-2-raw-v1"  # its configuration; wikitext-103-raw-v1 has 50x the text
     max_len: int = 128  # tokens per training sequence, [CLS] and both [SEP] included
     short_seq_prob: float = 0.1  # share of pairs built to a random shorter length, as in the paper's code
     mask_prob: float = 0.15  # share of the real tokens of each sequence chosen for MLM
     val_share: float = 0.1  # share of the documents held out for evaluation, if there is no validation split
-    # training
     batch_size: int = 32  # sequences per optimizer step, over all GPUs and micro-batches
     grad_accum: int = 1  # micro-batches per optimizer step on each GPU: the same update, less memory
     epochs: int = 40  # passes over the training pairs
@@ -85,9 +81,8 @@ class Config:  # each field's comment is also its flag's --help (add_config_flag
     compile: bool = False  # torch.compile the step: forward, both losses and backward as one graph
     out: str = "out"  # checkpoint folder
 
-# After Turc et al. 2019, name: (layers, hidden, peak lr, fine-tuning lr); heads = hidden / 64, ffn = 4 hidden. Peak
-# rates: the best on held-out MLM. Fine-tuning: tiny's 1e-3 beat 3e-4 and 3e-3 on SST-2 (8k rows, SST-2 accuracy
-# pretrained / --scratch: 0.82 / 0.83, 0.79 / 0.83, 0.70 / 0.59); the others are Google's for its small BERTs, untried.
+# Turc et al. 2019's sizes, name: (layers, hidden, peak lr, fine-tuning lr); heads = hidden / 64, ffn = 4 hidden. Peak
+# lr: the best on held-out MLM; fine-tuning: tiny's 1e-3 beat 3e-4, 3e-3 on SST-2 (0.82, 0.79, 0.70); others: Google's.
 PRESETS = {"tiny": (2, 128, 2e-3, 1e-3), "mini": (4, 256, 5e-4, 3e-4), "small": (4, 512, 2e-4, 1e-4),
            "medium": (8, 512, 1.5e-4, 1e-4), "base": (12, 768, 1e-4, 5e-5)}
 
@@ -111,8 +106,7 @@ def wordpiece(vocab=None):
     return tok
 
 def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
-    """A WordPiece vocabulary from <= 200k sampled sentences (~5M words): on WikiText-2 x 10, 6.5 s, not 24 s, 96 % of
-    it the same. Ties break in hash-map order: runs may differ by a few entries; compare recipes on one --tokenizer."""
+    """WordPiece from <= 200k sampled sentences: WikiText-2 x 10 (21M words) in 6.5 s, not 24 s, 96 % the same."""
     sentences = list(sentences)
     sentences = random.Random(0).sample(sentences, max_sentences) if len(sentences) > max_sentences else sentences
     tok, bar = wordpiece(), sys.stderr.isatty()  # the trainer's progress bar: on a terminal only (else: blank lines)
@@ -145,21 +139,20 @@ def encode_corpus(tok, docs):
         if len(texts) > 500_000 and i % (len(texts) // 10) == 0:  # a progress line per 10 % of a large corpus
             print(f"tokenizing: {i:,} of {len(texts):,} sentences", file=sys.stderr)
     lens = torch.tensor([len(b) // 4 for b in parts], dtype=torch.int64)  # (sentences,) in tokens (4 bytes each)
-    doc_of = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d) for d in docs], dtype=torch.int64))
     sents = F.pad(lens[lens > 0].cumsum(0), (1, 0))  # (S + 1,) offsets of the non-empty sentences
-    per_doc = torch.bincount(doc_of[lens > 0], minlength=len(docs))  # (D,) each document's non-empty sentences
-    doc_starts = F.pad(per_doc.cumsum(0), (1, 0))  # (D + 1,) each document's first sentence
+    firsts = F.pad(torch.tensor([len(d) for d in docs], dtype=torch.int64).cumsum(0), (1, 0))  # (D + 1,) in texts
+    doc_starts = F.pad((lens > 0).cumsum(0), (1, 0))[firsts]  # (D + 1,) each document's first non-empty sentence
     return Corpus(torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.int32), sents, doc_starts)
 
 def make_pairs(corpus, doc_ids, max_len, seed, short_seq_prob=0.1):
-    """(A, B, label) pairs from the documents doc_ids of a corpus, as google-research/bert does: sentences fill a chunk
-    of the sequence's length, A is a random-length prefix of it, and B either the rest (label 0, IsNext) or a run from
-    another document (label 1, NotNext; the chunk's unused rest goes back to the pool). -> (N, 5) int64: A's start, A's
-    length, B's start, B's length (offsets into corpus.ids), label. Unlike the paper's code, a chunk always holds two
-    sentences or more and labels come from a shuffled deck, so the classes are balanced to within one pair. Example:
-    sentences s0..s5 of a document, s0..s3 fill the target, the cut falls after s1: A = s0 s1; IsNext: B = s2 s3, and
-    the next chunk starts at s4; NotNext: B = a run from another document, and the next chunk starts at s2."""
-    S, D = corpus.sents.tolist(), corpus.docs.tolist()  # Corpus' offsets as Python ints: the loop below is Python's
+    """(A, B, label) pairs from the documents doc_ids of a corpus, as google-research/bert makes them: sentences fill a
+    chunk of the sequence's length, A is a random-length prefix of it, B either the rest (label 0, IsNext) or a run from
+    another document (label 1, NotNext). -> (N, 5) int64: A's start, A's length, B's start, B's length (offsets into
+    corpus.ids), label. Unlike the paper's code, a chunk holds two sentences or more, and labels come from a shuffled
+    deck (balanced to one pair). Example: s0..s3 fill the target, the cut falls after s1: A = s0 s1; IsNext: B = s2 s3,
+    the next chunk starts at s4; NotNext: B from another document, the next chunk starts at s2. What truncation cuts off
+    a pair's end starts the next chunk (the paper's code drops it: an epoch's pairs use 88 % of WikiText-2; here 92)."""
+    S, D = cut_long(corpus, (max_len - 2) // 2)  # pieces, two of which fill a sequence
     docs = [d for d in doc_ids if D[d + 1] > D[d]]
     if len(docs) < 2:  # NotNext needs another document
         return torch.zeros(0, 5, dtype=torch.int64)
@@ -167,21 +160,34 @@ def make_pairs(corpus, doc_ids, max_len, seed, short_seq_prob=0.1):
     max_tokens = max_len - 3  # room for [CLS], [SEP], [SEP]
     for j, d in enumerate(docs):
         start, end = D[d], D[d + 1]  # the next chunk starts at sentence start; the document ends before end
+        a0 = S[start]  # at this token: sentence start's first, or where the chunk before cut it
         while start < end - 1:  # two sentences or more are left (a last lone one is only used as a NotNext B)
             target = rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
             i = start + 1  # the chunk is sentences start..i: it grows until it holds target tokens or the document ends
-            while i < end - 1 and S[i + 1] - S[start] < target:
+            while i < end - 1 and S[i + 1] - a0 < target:
                 i += 1
             cut = rng.randint(start + 1, i)  # A is sentences start..cut-1
             deck = deck or rng.sample([0, 1], 2)  # labels are dealt from a shuffled deck of two
-            label, (a0, a1) = deck.pop(), (S[start], S[cut])
-            if label == 0:  # IsNext: B is the rest of the chunk, and the next chunk starts after it
-                b0, b1, start = S[cut], S[i + 1], i + 1
+            label, a1 = deck.pop(), S[cut]
+            if label == 0:  # IsNext: B is the rest of the chunk
+                b0, b1 = a1, S[i + 1]
             else:  # NotNext: B comes from another document, and the chunk's unused sentences go back to the pool
-                (b0, b1), start = random_segment(S, D, docs, j, max(1, target - (a1 - a0)), rng), cut
+                b0, b1 = random_segment(S, D, docs, j, max(1, target - (a1 - a0)), rng)
             a0, a1, b0, b1 = truncate_pair(a0, a1, b0, b1, max_tokens, rng)
             pairs.append((a0, a1 - a0, b0, b1 - b0, label))
+            a0 = b1 if label == 0 else a1  # the next chunk starts after the pair (with what truncation cut off)
+            start = bisect.bisect_right(S, a0, start, i + 2) - 1  # in the sentence that holds that token
     return torch.tensor(pairs, dtype=torch.int64).view(-1, 5)
+
+def cut_long(corpus, n):
+    """Corpus' offsets with each sentence of over n tokens cut into pieces of n, so that lower-cased or unpunctuated
+    text pairs whole, as google-research/bert cuts over-long segments. -> sentence, document offsets (Python ints)."""
+    lens = corpus.sents.diff()  # (S,) each sentence's tokens
+    k = (lens + n - 1) // n  # (S,) its pieces
+    first = F.pad(k.cumsum(0), (1, 0))  # (S + 1,) its first piece
+    s = torch.repeat_interleave(torch.arange(len(lens)), k)  # (P,) each piece's sentence
+    starts = corpus.sents[s] + (torch.arange(len(s)) - first[s]) * n  # (P,)
+    return torch.cat([starts, corpus.sents[-1:]]).tolist(), first[corpus.docs].tolist()
 
 def random_segment(S, D, docs, j, target, rng):
     """Consecutive sentences of a random document other than docs[j], at least target tokens if it can."""
@@ -199,11 +205,10 @@ def truncate_pair(a0, a1, b0, b1, max_tokens, rng):
             b0, b1 = (b0 + 1, b1) if rng.random() < 0.5 else (b0, b1 - 1)
     return a0, a1, b0, b1
 
-def epoch_pairs(corpus, docs, cfg, epoch, n, made=None):
-    """New pairs (new A/B cuts and NotNext partners) in a new order each epoch, as the paper's code makes 10 differently
-    paired copies: with fixed pairs, NSP memorises a small corpus. A function of (seed, epoch) alone: a resumed run sees
-    the same. -> (n, 5): shuffled, repeated or cut to n (steps per epoch x batch); made: make_pairs' output if built."""
-    pairs = make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob) if made is None else made
+def epoch_pairs(corpus, docs, cfg, epoch, n, pairs0):
+    """New pairs each epoch, in a new order, as the paper's code makes 10 differently paired copies (fixed pairs let NSP
+    memorise a small corpus); a function of (seed, epoch), as a resume needs. -> (n, 5), repeated or cut to n."""
+    pairs = pairs0 if epoch == 0 else make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
     return pairs[order.repeat(1 + n // len(pairs))[:n]]  # (n, 5)
 
@@ -222,11 +227,9 @@ def collate(tokens, pairs, T):
 # ----------------------------------------------------------------------------- masking
 
 def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
-    """BERT's MLM corruption for a whole batch, drawn fresh every call, on the batch's device. round(15 %) of each
-    sequence's real tokens (at least one) are chosen; [CLS], [SEP], [PAD] never are. Of those, 80 % become [MASK], 10 %
-    a random token and 10 % stay: the model must keep a good representation of every token, since it can't tell which
-    were changed, and [MASK] never appears at fine-tuning time. The choices fill P slots per sequence, one shape for
-    every batch; slots past a row's choices: label -100 (ignored). -> inputs (B, T), positions and labels (B, P)."""
+    """BERT's MLM corruption, new each call: round(15 %) of each row's real tokens (>= 1; never [CLS], [SEP], [PAD]) are
+    chosen; 80 % become [MASK], 10 % a random token, 10 % stay: the model can't tell which changed, so it must represent
+    every token, and fine-tuning has no [MASK]. -> inputs (B, T); positions, labels (B, P): -100 in unused slots."""
     B, T = ids.shape  # batch, sequence length
     P = math.ceil((T - 3) * mask_prob)  # prediction slots: 19 at T = 128, what 125 real tokens need (paper's code: 20)
     real = (ids != PAD) & (ids != CLS) & (ids != SEP)  # (B, T)
@@ -253,18 +256,15 @@ class Layer(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.hidden, eps=1e-12)  # (GPT-2's pre-LN trains more stably at depth)
 
     def forward(self, x, mask, idx=None):
-        """x (B, T, H) -> (B, T, H); mask (B, 1, 1, T): True at the keys a query may attend to (not [PAD]). With idx
-        (B, Tq): the output (B, Tq, H) there alone. dropout(), attention(): torch's, cheaper on the CPU (after BERT)."""
+        """x (B, T, H) -> (B, T, H), or (B, Tq, H) at idx (B, Tq) alone; mask (B, 1, 1, T): False at [PAD] keys."""
         B, T, H = x.shape  # batch, sequence length, hidden size
         q, k, v = self.qkv(x).split(H, dim=2)  # 3 x (B, T, H)
         if idx is not None:  # BERT.forward's last layer: queries at idx alone, still attending to every position
             idx = idx[:, :, None].expand(-1, -1, H)  # (B, Tq, H)
             q, x = q.gather(1, idx), x.gather(1, idx)  # (B, Tq, H) the queries and the residual at those rows
-        Tq, hs = q.size(1), H // self.nh  # query positions, head size
-        q = q.view(B, Tq, self.nh, hs).transpose(1, 2)  # (B, nh, Tq, hs)
-        k, v = (t.view(B, T, self.nh, hs).transpose(1, 2) for t in (k, v))  # (B, nh, T, hs)
+        q, k, v = (t.view(B, -1, self.nh, H // self.nh).transpose(1, 2) for t in (q, k, v))  # (B, nh, Tq or T, hs)
         y = attention(q, k, v, mask, self.p if self.training else 0.0)  # (B, nh, Tq, hs)
-        a = self.proj(y.transpose(1, 2).reshape(B, Tq, H))  # (B, Tq, H)
+        a = self.proj(y.transpose(1, 2).reshape(x.shape))  # (B, Tq, H)
         x = self.ln1(x + dropout(a, self.p, self.training))  # (B, Tq, H)
         h = self.fc2(F.gelu(self.fc1(x)))  # (B, Tq, H); exact erf GELU, as in the paper's code
         return self.ln2(x + dropout(h, self.p, self.training))  # (B, Tq, H)
@@ -282,8 +282,7 @@ class BERT(nn.Module):
         self.mlm_dense, self.mlm_ln = nn.Linear(cfg.hidden, cfg.hidden), nn.LayerNorm(cfg.hidden, eps=1e-12)
         self.decoder = nn.Linear(cfg.hidden, cfg.vocab_size)  # with its own bias, but ...
         self.apply(self._init)
-        # ... its weight *is* the input embedding (tied): a word's input vector and its output vector are one
-        self.decoder.weight = self.tok_emb.weight  # which saves V x H parameters; rare words learn from both ends
+        self.decoder.weight = self.tok_emb.weight  # ... tied: a word's input and output vector are one (V x H fewer)
         self.p = cfg.dropout
 
     @staticmethod
@@ -294,10 +293,9 @@ class BERT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, ids, seg, pos=None):
-        """ids, seg (B, T) -> MLM logits (B, T, V), NSP logits (B, 2). With pos (B, P), the positions mask_tokens chose:
-        MLM logits there alone, (B, P, V). The losses read the last layer only at [CLS] and those positions, so the last
-        layer and the V-wide decoder run there alone: the same losses and gradients (tested), less work. Measured, 2
-        cores, mini, batch 32 x 128: 927 ms per training step, against 2,145 ms with both at every position (2.3x)."""
+        """ids, seg (B, T) -> MLM logits (B, T, V), NSP logits (B, 2); with pos (B, P), mask_tokens' positions, MLM
+        logits there alone (B, P, V): the losses read only [CLS] and pos, so the last layer and the V-wide decoder run
+        there alone, same losses and gradients (tested). Mini, 2 cores, batch 32 x 128: 927 ms a step, not 2,145."""
         x, pooled = self.encode(ids, seg, None if pos is None else F.pad(pos, (1, 0)))  # [CLS] (position 0), pos
         h = x if pos is None else x[:, 1:]  # (B, T or P, H)
         return self.decoder(self.mlm_ln(F.gelu(self.mlm_dense(h)))), self.nsp_head(pooled)  # (B, T or P, V), (B, 2)
@@ -322,10 +320,9 @@ class Classifier(nn.Module):
     def forward(self, ids, seg):  # ids, seg (B, T) -> logits (B, n_labels)
         return self.classifier(dropout(self.bert.encode(ids, seg)[1], self.p, self.training))
 
-# Dropout on the CPU, made cheaper: torch draws one random number per element there, which costs more than the matmuls.
-# Measured, 2 cores, mini, batch 32, 3 rounds: a step takes ~930 ms with these two, ~1070 ms with torch's own (13 %).
 def dropout(x, p, training):
-    """F.dropout; on the CPU each 64-bit random draw gives four 15-bit ones (P(keep) = 1 - p to within 2^-15)."""
+    """F.dropout; on the CPU, where torch draws a number per element (dearer than the matmuls), each 64-bit draw gives
+    four 15-bit ones (P(keep) = 1 - p to within 2^-15): mini, 2 cores, ~930 ms a step, not ~1,070 (with attention())."""
     if not training or p == 0 or x.device.type != "cpu":  # a GPU uses torch's own
         return F.dropout(x, p, training)
     bits = torch.randint(0, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)[: x.numel()]
@@ -349,8 +346,7 @@ def make_optimizer(model, cfg):
     decay = [p for p in model.parameters() if p.dim() >= 2]  # weight matrices and embeddings
     other = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    # fused: one kernel for all the parameters, and it honours found_inf, which train_step's guard relies on
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6, fused=True)  # honours found_inf
 
 def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls are far slower)
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -373,9 +369,8 @@ class CrossEntropySum(torch.autograd.Function):
 
 def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
     """The paper's objective, MLM + NSP cross-entropy, as sums over the whole batch's counts (n_mlm masked tokens, n_seq
-    sequences), so micro-batches and GPUs add up to the batch's means. -> the loss, and (loss, MLM, NSP, MLM acc,
-    NSP acc) detached. Known-good: at step 0 the loss is ln V + ln 2 (9.70 + 0.69 at V = 16384, tested); mini on
-    WikiText-2, 31 epochs: held-out MLM accuracy 0.33, NSP 0.87 (one H100, an earlier version of this file)."""
+    sequences), so micro-batches and GPUs add up to the batch's means. -> the loss, and (loss, MLM, NSP, MLM acc, NSP
+    acc) detached. Known-good: at step 0 the loss is ln V + ln 2 (9.70 + 0.69 at V = 16384, tested)."""
     with autocast(ids.device):  # no host sync, no data-dependent shape below: it compiles whole
         mlm_logits, nsp_logits = model(ids, seg, pos)  # (B, P, V), (B, 2)
     mlm = CrossEntropySum.apply(mlm_logits.flatten(0, 1).float(), labels.flatten()) / n_mlm
@@ -404,8 +399,9 @@ def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1, norms
     optimizer.zero_grad(set_to_none=True)
     return stats, optimizer.found_inf  # both stay on the device
 
-def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
-    """The loop, over the documents train_docs (indices) of a Corpus; val_pairs: held-out pairs, or None."""
+def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pairs0=None, meta={}):
+    """The loop, over the documents train_docs (indices) of a Corpus; val_pairs: held-out pairs, or None; pairs0: epoch
+    0's pairs if made; meta: more for the checkpoint (the data's files and hash)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     say = print if rank == 0 else (lambda *a, **k: None)  # torchrun: rank 0 alone prints, evaluates and saves
     device, B, T = torch.device(cfg.device), cfg.batch_size, cfg.max_len
@@ -417,16 +413,13 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
     gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # masks: the same on every rank
     torch.manual_seed(cfg.seed + rank)  # dropout: not the same on every rank
     tokens = corpus.ids.to(device)  # the whole tokenized corpus: batches are gathered on the GPU
-    val_pairs = None if val_pairs is None else val_pairs.to(device)
-    pairs0 = pairs_or_die(corpus, train_docs, cfg, cfg.seed)  # epoch 0's
+    pairs0 = pairs_or_die(corpus, train_docs, cfg, cfg.seed) if pairs0 is None else pairs0  # epoch 0's
     N, steps_per_epoch = len(pairs0), math.ceil(len(pairs0) / B)  # pairs per epoch
     total = math.inf if cfg.budget else cfg.max_steps or cfg.epochs * steps_per_epoch  # in steps
     budget = 60 * cfg.budget or math.inf  # in seconds of training: evaluations and checkpoints don't count
     step, history, saved, trained = 0, [], None, 0.0  # trained: seconds spent training
+    kept = lambda: f"the last checkpoint (step {saved}) is in {cfg.out}/" if saved else "no checkpoint was written"
     if resume is not None:  # a checkpoint's state: weights, moments, random generators, as if it had never stopped
-        if resume["n_train_pairs"] != N:
-            die(f"--resume: this data gives {N} training pairs, the checkpoint's run had {resume['n_train_pairs']}; "
-                "pass the same --data")
         load_weights(raw, resume, cfg.out)
         optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"]["torch"])
@@ -457,8 +450,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             # the batch: B of this epoch's pairs, as token ids, then masked; all on the device
             t, (epoch, i) = time.time(), divmod(step, steps_per_epoch)
             if i == 0 or pairs is None:  # new pairs each epoch (epoch 0's were made above)
-                made = pairs0 if epoch == 0 else None
-                pairs = epoch_pairs(corpus, train_docs, cfg, epoch, steps_per_epoch * B, made).to(device)
+                pairs = epoch_pairs(corpus, train_docs, cfg, epoch, steps_per_epoch * B, pairs0).to(device)
             x, seg, nsp = collate(tokens, pairs[i * B : (i + 1) * B], T)  # (B, T), (B, T), (B,)
             x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)  # (B, T), (B, P), (B, P)
             t_data += time.time() - t
@@ -480,9 +472,8 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             evaluate_now = step % steps_per_epoch == 0 or step % cfg.save_every == 0 or last_step
             # log: the device's counters are read here, once per interval
             if (log_now or evaluate_now or stop) and worst >= 3:
-                where = f"the last checkpoint (step {saved}) is in {cfg.out}/" if saved else "no checkpoint was written"
                 die(f"{int(worst)} non-finite losses in a row at step {step} (those steps changed nothing); "
-                    f"lower --lr; {where}")
+                    f"lower --lr; {kept()}")
             if log_now or last_step:
                 if world > 1:
                     dist.all_reduce(sums)
@@ -500,24 +491,26 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None):
             # evaluate and checkpoint: each epoch's end, every save_every steps, the end; not counted in tokens/s
             if (evaluate_now or stop) and device.type == "cuda":
                 torch.cuda.synchronize()  # the queued steps count as training, not as the pause
-            t_pause = time.time()
+            t_pause, ev = time.time(), None
             if evaluate_now and val_pairs is not None and rank == 0:
-                m = evaluate(raw, tokens, val_pairs, cfg)
+                ev = evaluate(raw, tokens, val_pairs.to(device), cfg)
                 when = "end" if last_step else f"epoch {round(step / steps_per_epoch, 2):g}"
-                say(f"eval ({when}) step {step}: mlm_loss {m['mlm_loss']:.4f} | mlm_acc {m['mlm_acc']:.4f} | "
-                    f"nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
-                if warning := health_warning(history, m):
+                say(f"eval ({when}) step {step}: mlm_loss {ev['mlm_loss']:.4f} | mlm_acc {ev['mlm_acc']:.4f} | "
+                    f"nsp_acc {ev['nsp_acc']:.4f} | top_share {ev['top_share']:.2f}")
+                if warning := health_warning(history, ev):
                     say(f"warning: {warning}", file=sys.stderr)
-                history.append(m)
-                log(cfg.out, {"eval": step, **m})
-            if (evaluate_now or stop) and rank == 0:  # the checkpoint: all that demo and --resume need
+            ok = ev is None or math.isfinite(ev["mlm_loss"])  # weights that evaluate to NaN are not saved
+            if (evaluate_now or stop) and rank == 0 and ok:  # the checkpoint: all that demo and --resume need
                 rng = {"torch": torch.get_rng_state(), "mask": gen.get_state(),
                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+                history += [ev] if ev else []
                 save_checkpoint(os.path.join(cfg.out, "model.pt"), {
                     "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "config": dataclasses.asdict(cfg),
                     "tokenizer": tok.to_str(), "rng": rng, "step": step, "n_train_pairs": N, "history": history,
-                    "trained_s": trained})
+                    "trained_s": trained, **meta}, kept())
                 saved = step
+                if ev:  # after the save: metrics.jsonl holds no evaluation that no checkpoint has
+                    log(cfg.out, {"eval": step, **ev})
             t0, clock0 = t0 + time.time() - t_pause, clock0 + time.time() - t_pause
             if stop and not last_step:
                 say(f"stopped at step {step}; checkpoint saved in {cfg.out}/, continue with --resume", file=sys.stderr)
@@ -532,11 +525,10 @@ def fill_mask(model, tok, text, max_len, top_k=5):
     """-> the top_k (word, probability) guesses for each [MASK] in text, and how many windows of max_len tokens."""
     model.eval()  # no dropout
     body, W = tok.encode(text, add_special_tokens=False).ids, max_len - 2  # W: text tokens per window
-    masks = [i for i, t in enumerate(body) if t == MASK]
-    device, guesses, windows = next(model.parameters()).device, [], 0
+    masks, guesses, windows = [i for i, t in enumerate(body) if t == MASK], [], 0
     while len(guesses) < len(masks):
         start = max(0, min(masks[len(guesses)] - W // 4, len(body) - W))  # some context before the mask
-        x = torch.tensor([[CLS] + body[start : start + W] + [SEP]], device=device)  # (1, T)
+        x = torch.tensor([[CLS] + body[start : start + W] + [SEP]], device=model.tok_emb.weight.device)  # (1, T)
         probs = model(x, torch.zeros_like(x))[0][0, 1:-1].float().softmax(-1)  # (T - 2, V)
         for m in [m for m in masks[len(guesses) :] if m < start + W]:
             top = probs[m - start].topk(min(top_k, probs.size(-1)))
@@ -557,11 +549,10 @@ def evaluate(model, tokens, pairs, cfg, batch_size=64):
         x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)
         with autocast(tokens.device):
             mlm_logits, nsp_logits = model(x, seg, pos)
-        logits, target = mlm_logits[labels != -100].float(), labels[labels != -100]  # (M, V), (M,)
-        pred = logits.argmax(-1)  # (M,)
-        loss, hits = loss + F.cross_entropy(logits, target, reduction="sum"), hits + (pred == target).sum()
-        counts += torch.bincount(pred, minlength=cfg.vocab_size)
-        nsp_hits += (nsp_logits.argmax(-1) == nsp).sum()
+        used, pred = labels != -100, mlm_logits.argmax(-1)  # (B, P) each
+        loss = loss + F.cross_entropy(mlm_logits[used].float(), labels[used], reduction="sum")
+        hits, nsp_hits = hits + (pred == labels).sum(), nsp_hits + (nsp_logits.argmax(-1) == nsp).sum()  # -100: no hit
+        counts += torch.bincount(pred[used], minlength=cfg.vocab_size)  # (V,)
     model.train(was_training)
     n = counts.sum()
     return {"mlm_loss": float(loss / n), "mlm_acc": float(hits / n), "nsp_acc": float(nsp_hits) / len(pairs),
@@ -570,6 +561,8 @@ def evaluate(model, tokens, pairs, cfg, batch_size=64):
 def health_warning(history, m):
     """A warning if evaluation m shows the run collapsing or diverging, else None. The plateau before MLM accuracy
     climbs (one token, "the" or ",", predicted almost everywhere, for epochs) is normal; a collapse returns to it."""
+    if not math.isfinite(m["mlm_loss"]):
+        return f"the held-out MLM loss is {m['mlm_loss']}: these weights are not saved; lower --lr"
     best_acc = max([h["mlm_acc"] for h in history if h["top_share"] <= 0.9] or [0])
     best_loss = min([h["mlm_loss"] for h in history] or [1e9])
     if m["top_share"] > 0.9 and m["mlm_acc"] < 0.8 * best_acc:
@@ -578,21 +571,24 @@ def health_warning(history, m):
     if m["mlm_loss"] > best_loss + 0.5:
         return (f"the held-out MLM loss rose to {m['mlm_loss']:.3f} from its best, {best_loss:.3f}: training "
                 "is diverging; start again with a lower --lr")
-    return None
 
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename it over the old one."""
+def save_checkpoint(path, state, kept=None):
+    """Atomic: write a temporary file (this process's), then rename it over the old one. A write that fails (a full
+    disk) leaves the old file, and given kept (what that leaves, in words) ends in one line."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(path + ".tmp", "wb") as f:
+        with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)  # a kill at any instant leaves the old checkpoint or the new, never half of one
+        os.replace(tmp, path)  # a kill at any instant leaves the old checkpoint or the new, never half of one
     except BaseException as e:
         with suppress(OSError):
-            os.remove(path + ".tmp")  # a write cut short removes its temporary file
+            os.remove(tmp)  # a write cut short removes its temporary file
         if KeyboardInterrupt in (type(e), type(e.__context__)):  # a second Ctrl-C, mid-write
             raise KeyboardInterrupt from None  # (not the zip writer's complaint about being cut short)
+        if kept is not None and isinstance(e, (OSError, RuntimeError)):  # (torch's RuntimeError follows an OSError)
+            die(f"cannot write {path} ({getattr(e.__context__ or e, 'strerror', None) or e}); {kept}")
         raise
 
 @contextmanager
@@ -620,24 +616,64 @@ def log(folder, record):  # metrics.jsonl: one JSON object per log line and per 
 def die(msg):  # bad input ends here: one line on stderr that says what to do, and exit status 1
     sys.exit(f"minibert: error: {msg}")
 
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")  # ". The" ends a sentence
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[0-9%s])|(?<=[。！？])" % "".join(  # ". The", ". Ärger", "。"
+    c for c in map(chr, range(0x2000)) if c.isupper()))  # (the capitals of Latin, Greek, Cyrillic, ... scripts)
 WIKI_DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), ("<unk>", "[UNK]")]
+TITLE = re.compile("= (?!=).* =")  # a whole line " = Title = " starts an article; " = = Section = = " is a heading
 
-def is_title(s):  # " = Title = " starts an article; " = = Section = = " is a heading
-    return s.startswith("= ") and s.endswith(" =") and not s.startswith("= =")
-
-def parse_wikitext(lines):
-    """WikiText layout -> documents (lists of sentences); in a file without title lines, blank lines end them."""
-    lines = [line.strip() for line in lines]
-    titled, docs = any(map(is_title, lines)), [[]]
+def parse_wikitext(lines, by="blank"):
+    """Lines -> documents (lists of sentences): WikiText's articles if there are title lines, else split by "blank"
+    (blank lines end a document), "line" (a line each: a table's rows) or "whole" (one: a folder's file)."""
+    lines = [s.replace("\n", " ").strip() for s in lines]
+    titled, docs = any(map(TITLE.fullmatch, lines)), [[]]
     for s in lines:
-        if (titled and is_title(s)) or (not titled and not s):
+        if TITLE.fullmatch(s) if titled else (s if by == "line" else not s and by == "blank"):
             docs.append([])
-        elif s and not s.startswith("="):  # headings are not sentences
+        if s and not s.startswith("="):  # headings are not sentences
             for a, b in WIKI_DETOK:
                 s = s.replace(a, b)
             docs[-1].extend(SENTENCE_END.split(s))
     return [d for d in docs if d]
+
+PACKED = {b"\x1f\x8b": gzip, b"BZh": bz2, b"\xfd7zXZ": lzma}  # gzip, bzip2 and xz files start with these bytes
+
+def read_text(path):
+    """A file -> its text: gzip, bzip2 or xz unpacked; UTF-8 (a BOM dropped), or UTF-16 with its BOM."""
+    try:
+        data = Path(path).read_bytes()
+        data = next((m.decompress(data) for magic, m in PACKED.items() if data.startswith(magic)), data)
+    except Exception as e:  # missing, unreadable, or damaged
+        die(f"cannot read {path} ({getattr(e, 'strerror', None) or e})")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16")
+    if b"\0" in data[:4096]:  # (text has none)
+        die(f"{path} is not text: a zip or 7z archive (unpack it), UTF-16 without a byte-order mark (iconv -f "
+            "UTF-16LE -t UTF-8), or binary")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        die(f"{path} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start:,} (line "
+            f"{data.count(10, 0, e.start) + 1}: {e.reason}); convert it to UTF-8 (iconv -f ENCODING -t UTF-8)")
+
+TABLES = (".parquet", ".jsonl", ".json", ".csv", ".tsv")
+unpacked = lambda path: re.sub(r"\.(gz|bz2|xz)$", "", path)  # the name without its compression's suffix
+
+def read_table(path):
+    """A .parquet, .jsonl, .json (a list of objects), .csv or .tsv (a header row) file -> {column: its values}."""
+    name = unpacked(path)
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            return pq.read_table(path).to_pydict()
+        text, tsv = read_text(path), dict(delimiter="\t", quoting=csv.QUOTE_NONE)  # GLUE's .tsv quotes nothing
+        rows = (list(csv.DictReader(io.StringIO(text, newline=""), **tsv if name.endswith(".tsv") else {}))
+                if name.endswith((".csv", ".tsv")) else json.loads(text) if name.endswith(".json") else
+                [json.loads(s) for s in text.splitlines() if s.strip()])  # (a field missing from a row: None)
+    except Exception as e:  # unreadable, damaged, not what its name says
+        die(f"cannot read {path} ({getattr(e, 'strerror', None) or str(e).split('. ')[0]})")
+    rows = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+    return {c: [r.get(c) for r in rows] for c in dict.fromkeys(k for r in rows for k in r if k is not None)} or die(
+        f"{path} has no rows with columns; pass a table with a header row, or a list of objects")
 
 def read_cornell(folder):
     """Cornell Movie-Dialogs: each conversation is a document, each utterance a sentence."""
@@ -650,31 +686,35 @@ def read_cornell(folder):
     convs = [re.findall(r"L\d+", r[-1]) for r in fields("movie_conversations.txt")]
     return [d for d in ([lines[i] for i in ids if lines.get(i)] for ids in convs) if d]
 
+def read_docs(path, whole=False):  # one file -> documents (read_corpus)
+    if unpacked(path).endswith(TABLES):
+        table = read_table(path)
+        return parse_wikitext(map(str, filter(None, table["text"])), "line") if "text" in table else die(
+            f"{path} has no 'text' column (its columns: {', '.join(map(str, table))}); name the text's column text")
+    lines = read_text(path).splitlines()
+    return parse_wikitext(lines, "whole" if whole else "blank" if any(not s.strip() for s in lines) else "line")
+
+DOCUMENTS = ("A document is: in text, a WikiText article (' = Title = ' lines), else what blank lines separate, else "
+             "a line; in .jsonl, .json, .csv, .tsv, .parquet, a row's 'text'; in a folder, a file (Cornell "
+             "Movie-Dialogs: a conversation). .gz, .bz2, .xz: unpacked")
+
 def read_corpus(paths):
-    """--data FILE [FILE ...] -> documents, from text or Parquet files, or the Cornell Movie-Dialogs folder."""
+    """--data FILE|FOLDER ... -> documents (lists of sentences), as DOCUMENTS (--help) says."""
     docs = []
     for path in paths:
-        try:
-            if os.path.isdir(path):
-                docs += read_cornell(path)
-            elif path.endswith(".parquet"):  # its "text" column, as the hub stores WikiText
-                import pyarrow.parquet as pq
-                docs += parse_wikitext(pq.read_table(path, columns=["text"]).column("text").to_pylist())
-            else:  # UTF-8 text in WikiText layout (.gz: compressed)
-                with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-                    docs += parse_wikitext(f.read().splitlines())
-        except FileNotFoundError:
-            die(f"--data {path} does not exist; pass a UTF-8 text file")
-        except UnicodeDecodeError as e:  # (e.start: the byte's offset in the block being decoded)
-            die(f"--data {path} is not UTF-8 text ({e.reason}, byte 0x{e.object[e.start]:02x}); convert it to UTF-8")
-        except gzip.BadGzipFile:
-            die(f"--data {path} ends in .gz but is not gzip-compressed; rename it")
-        except Exception as e:  # unreadable, a damaged Parquet file, or one without a "text" column
-            die(f"cannot read --data {path} ({getattr(e, 'strerror', None) or str(e).split('. ')[0]})")
+        if os.path.isfile(os.path.join(path, "movie_lines.txt")):
+            docs += read_cornell(path)
+        elif os.path.isdir(path):  # its text files, each a document (in WikiText layout: its articles)
+            names = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith(".") and
+                           unpacked(f).endswith((".txt", ".md")))
+            docs += [d for f in names for d in read_docs(f, whole=True)] if names else die(
+                f"--data {path} is a folder without .txt or .md files; pass files, or the Cornell Movie-Dialogs folder")
+        else:
+            docs += read_docs(path)
     return docs or die(f"--data {' '.join(paths)} holds no text; pass a file with sentences in it")
 
-def load_hub(cfg, splits):
-    """Splits of a Hugging Face hub dataset, the first one required -> {split: documents}, read as a --data file."""
+def load_hub(cfg):
+    """A Hugging Face hub dataset -> {"train": documents, and "validation" if it has one}, read as a --data file."""
     try:
         import datasets
         import huggingface_hub
@@ -684,12 +724,9 @@ def load_hub(cfg, splits):
     except Exception as e:  # no network, no hub, no datasets, no such dataset: all end the same way
         die(f"cannot load {cfg.dataset} ({cfg.dataset_config}) from the Hugging Face hub ({type(e).__name__}); "
             "offline, pass --data FILE")
-    if splits[0] not in ds or "text" not in ds[splits[0]].column_names:
-        die(f"{cfg.dataset} has no {splits[0]} split with a 'text' column; pass --data FILE")
-    def docs(rows):  # without title lines: a blank line after each row, which ends a document
-        titled = any(is_title(r.strip()) for r in rows[:1000])
-        return parse_wikitext(rows if titled else [line for r in rows for line in (r.replace("\n", " "), "")])
-    return {split: docs(ds[split]["text"]) for split in splits if split in ds}
+    if "train" not in ds or "text" not in ds["train"].column_names:
+        die(f"{cfg.dataset} has no train split with a 'text' column; pass --data FILE")
+    return {split: parse_wikitext(ds[split]["text"], "line") for split in ("train", "validation") if split in ds}
 
 def split_docs(docs, cfg):
     """-> (training documents, held-out documents): --val_share of them, whole, at random (none if too few)."""
@@ -698,28 +735,40 @@ def split_docs(docs, cfg):
     n_val = max(2, round(share * len(docs))) if share > 0 and len(docs) >= 8 else 0  # NotNext needs two
     return docs[n_val:], docs[:n_val]
 
+def held_out(data, cfg):
+    """--data's files (or the hub's dataset) -> training documents, held-out documents, a note for the data line."""
+    hub = {} if data else load_hub(cfg)
+    docs, note = read_corpus(data) if data else hub["train"], ""
+    if len(docs) == 1:  # one document: cut into 20 by words, so that NotNext has partners and some can be held out
+        words, note = " ".join(docs[0]).split(), " (one document, cut into parts: NotNext needs two)"
+        k = max(100, -(-len(words) // 20))  # words per part: a part shorter than a pair could not make one
+        docs = [[" ".join(words[i : i + k])] for i in range(0, len(words), k)]
+    return *((docs, hub["validation"]) if "validation" in hub else split_docs(docs, cfg)), note
+
 def pairs_or_die(corpus, docs, cfg, seed):
     pairs = make_pairs(corpus, docs, cfg.max_len, seed, cfg.short_seq_prob)
     return pairs if len(pairs) else die("too little text to build a single sentence pair: give at least two documents "
                                         "of two sentences or more")
 
 def cached_corpus(tok, docs, folder, save=True):
-    """encode_corpus, cached in folder/corpus-KEY.pt; a damaged cache is rebuilt. -> (Corpus, cached?)"""
-    h = hashlib.sha256(tok.to_str().encode())  # KEY: the tokenizer and the text, so no other's cache is ever used
+    """encode_corpus, cached in folder/corpus-KEY.pt (best effort); a damaged cache is rebuilt. -> (Corpus, cached?,
+    the text's hash: a checkpoint keeps it, so that --resume knows its text)"""
+    h = hashlib.sha256()
     for d in docs:
         h.update("\n".join(d).encode() + b"\0")
-    path = os.path.join(folder, f"corpus-{h.hexdigest()[:16]}.pt")
+    key = hashlib.sha256((tok.to_str() + h.hexdigest()).encode())  # the tokenizer and the text: no other's cache
+    path = os.path.join(folder, f"corpus-{key.hexdigest()[:16]}.pt")
     if os.path.exists(path):
         with suppress(Exception):
             c = Corpus(**torch.load(path, weights_only=True))
             if len(c.docs) == len(docs) + 1 and c.docs[-1] == len(c.sents) - 1 and c.sents[-1] == len(c.ids):
-                return c, True
+                return c, True, h.hexdigest()
         print(f"warning: {path} is damaged; tokenizing again", file=sys.stderr)
     corpus = encode_corpus(tok, docs)
     if save:  # (under torchrun, rank 0 alone writes it; a read-only folder gets no cache)
-        with suppress(OSError):
+        with suppress(Exception):  # a full disk, a read-only folder: no cache
             save_checkpoint(path, corpus._asdict())
-    return corpus, False
+    return corpus, False, h.hexdigest()
 
 def load_checkpoint(folder):
     """folder/model.pt (or that file) -> (state, tokenizer, config), or a one-line error."""
@@ -768,27 +817,23 @@ TEXT_COLUMNS = [("sentence1", "sentence2"), ("question1", "question2"), ("questi
                 ("premise", "hypothesis"), ("sentence",), ("text",)]  # GLUE's files, and the common names
 
 def read_labelled(path, cols=None, label="label", names=None):
-    """A .tsv or .csv with a header -> rows ((one or two texts), label id), label names, text columns, rows skipped.
+    """A table (read_table) -> rows ((one or two texts), label id), label names, text columns, rows skipped.
     cols: text columns; names: the labels a model knows (else the file's, sorted; as numbers if all are integers)."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:  # GLUE's .tsv files quote nothing: a quote is text
-            tsv = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if path.endswith(".tsv") else {}
-            header, *rows = csv.reader(f, **tsv)
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: an empty file, no header
-        die(f"cannot read {path} ({getattr(e, 'strerror', None) or getattr(e, 'reason', None) or 'empty'}); pass a "
-            "UTF-8 .tsv or .csv file with a header")
-    cols = cols or next((c for c in TEXT_COLUMNS if set(c) <= set(header)), ())  # else the header's first of these
-    if label not in header or not cols or not set(cols) <= set(header):
-        die(f"{path} has the columns {', '.join(header)}: it needs a {label!r} column (--label_col) and one or two "
+    if not unpacked(path).endswith(TABLES):
+        die(f"{path} is not a table; pass a .tsv, .csv, .jsonl, .json or .parquet file with a label column")
+    table = read_table(path)  # {column: values}
+    cols = cols or next((c for c in TEXT_COLUMNS if set(c) <= table.keys()), ())  # else the header's first of these
+    if label not in table or not cols or not set(cols) <= table.keys():
+        die(f"{path} has the columns {', '.join(table)}: it needs a {label!r} column (--label_col) and one or two "
             "text columns (--text_cols; found by name: sentence, text, sentence1/sentence2, question/sentence...)")
-    kept = [f for f in ([r[header.index(c)].strip() for c in (*cols, label)] for r in rows if len(r) == len(header))
-            if all(f)]  # rows with a field empty or missing are skipped
+    kept = [f for f in ([str(v).strip() if v is not None else "" for v in r] for r in zip(*(table[c] for c in
+            (*cols, label)))) if all(f)]  # rows with a field empty or missing are skipped
     labels = {f[-1] for f in kept}
     names = names or sorted(labels, key=int if all(v.lstrip("-").isdigit() for v in labels) else str)
     if unknown := labels - set(names):
         die(f"{path} has the label(s) {', '.join(sorted(unknown))}, which the model was not trained on "
             f"(its labels: {', '.join(names)})")
-    return [(tuple(f[:-1]), names.index(f[-1])) for f in kept], names, cols, len(rows) - len(kept)
+    return [(tuple(f[:-1]), names.index(f[-1])) for f in kept], names, cols, len(table[label]) - len(kept)
 
 def encode_rows(tok, rows, max_len):
     """rows (texts, label) -> ((ids, segment ids), label), cut to max_len tokens; and how many were cut."""
@@ -812,9 +857,8 @@ def classify_loss(model, ids, seg, y, n):
 
 @torch.no_grad()
 def evaluate_classifier(model, rows, device):  # -> mean loss and accuracy
-    was_training = model.training
-    s = sum(classify_loss(model.eval(), *padded(rows[i : i + 256], device), len(rows))[1]
-            for i in range(0, len(rows), 256))
+    was_training, n = model.training, len(rows)
+    s = sum(classify_loss(model.eval(), *padded(rows[i : i + 256], device), n)[1] for i in range(0, n, 256))
     model.train(was_training)
     return dict(zip(("loss", "acc"), s.tolist()))
 
@@ -842,9 +886,10 @@ def finetune(cfg, model, tok, rows, val, meta, stop_at=None):
             print(f"eval (epoch {m['epoch']:g}, {m['s']} s) step {step}: loss {m['loss']:.4f} | acc {m['acc']:.4f}")
             log(cfg.out, {"eval": step, **m})
             if best is None or m["acc"] > best["acc"]:  # the model kept is the best epoch's
-                best = m
                 save_checkpoint(os.path.join(cfg.out, "model.pt"), {"model": model.state_dict(), "eval": m, **meta,
-                                "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()})
+                                "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()},
+                                f"epoch {best['epoch']:g}'s model is kept" if best else "no checkpoint was written")
+                best = m
             if stop:  # the best epoch so far is saved; main says "interrupted", exit status 130
                 raise KeyboardInterrupt
     print(f"done: the best epoch, {best['epoch']:g} (held-out accuracy {best['acc']:.4f}), is in {cfg.out}/model.pt; "
@@ -859,8 +904,6 @@ def train_flops(cfg, B, T, P):
     last = B * T * 2 * 3 * H * H + B * (1 + P) * (2 * (H * H + 2 * H * F_) + 4 * T * H)
     heads = B * P * 2 * (H * H + H * V) + B * 2 * (H * H + 2 * H)  # MLM at the slots; pooler and NSP
     return 3 * ((cfg.layers - 1) * B * T * layer + last + heads)  # backward = 2 x forward
-
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 def bench(cfg, steps=20, warmup=5):
     """Time train_step (forward, losses, backward, clip, AdamW) on a synthetic batch of full sequences, and its MFU."""
@@ -885,8 +928,8 @@ def bench(cfg, steps=20, warmup=5):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 989e12)
+        name, peaks = torch.cuda.get_device_name(device), {"A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+        peak = next((v for k, v in peaks.items() if k in name), 989e12)  # bf16 dense; else an H100's or H200's
         note = f"{name}, assumed bf16 dense peak {peak / 1e12:.0f} TFLOP/s"
     else:
         a = torch.randn(1024, 1024)
@@ -908,24 +951,22 @@ HF_NAMES = {  # minibert module -> Hugging Face BertForPreTraining module ({i}: 
     "layers.{i}.ln2": "bert.encoder.layer.{i}.output.LayerNorm", "pool": "bert.pooler.dense",
     "nsp_head": "cls.seq_relationship", "mlm_dense": "cls.predictions.transform.dense",
     "mlm_ln": "cls.predictions.transform.LayerNorm", "decoder": "cls.predictions",  # its weight is tok_emb's
-}
+    "classifier": "classifier"}  # a Classifier's head, as BertForSequenceClassification names it
 
 def hf_state_dict(sd, cfg):
     """Rename (and split the fused qkv of) a minibert state dict to Hugging Face's names."""
-    out = {f"bert.encoder.layer.{i}.attention.self.{name}.{kind}": t
-           for i, kind in itertools.product(range(cfg.layers), ("weight", "bias"))
+    qkv = {f"bert.encoder.layer.{i}.attention.self.{name}.{kind}": t
+           for i in range(cfg.layers) for kind in ("weight", "bias")
            for name, t in zip(("query", "key", "value"), sd[f"layers.{i}.qkv.{kind}"].chunk(3))}
-    for ours, theirs in HF_NAMES.items():
-        for i, kind in itertools.product(range(cfg.layers if "{i}" in ours else 1), ("weight", "bias")):
-            if f"{ours.format(i=i)}.{kind}" in sd and (ours, kind) != ("decoder", "weight"):
-                out[f"{theirs.format(i=i)}.{kind}"] = sd[f"{ours.format(i=i)}.{kind}"]
-    return out
+    return qkv | {f"{theirs.format(i=i)}.{kind}": sd[f"{ours.format(i=i)}.{kind}"] for ours, theirs in HF_NAMES.items()
+                  for i in range(cfg.layers if "{i}" in ours else 1) for kind in ("weight", "bias")
+                  if f"{ours.format(i=i)}.{kind}" in sd and (ours, kind) != ("decoder", "weight")}  # decoder: tied
 
 def export_hf(folder, to):
     """A folder that transformers' from_pretrained and AutoTokenizer load (minibert does not import transformers)."""
     model, tok, cfg, state = load_model(folder, "cpu")  # another version's checkpoint: one line, nothing written
     labels, sd = state.get("labels"), model.state_dict()
-    arch = "BertForSequenceClassification" if labels else "BertForPreTraining"
+    arch = "BertForSequenceClassification" if labels else "BertForPreTraining"  # the first without "cls." heads
     try:
         os.makedirs(to, exist_ok=True)
     except OSError as e:
@@ -941,17 +982,12 @@ def export_hf(folder, to):
                   **dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIALS)),
                   "do_lower_case": True, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
     for name, obj in (("config.json", config), ("tokenizer_config.json", tok_config)):
-        with open(os.path.join(to, name), "w") as f:
-            json.dump(obj, f, indent=2)
-    tok.save(os.path.join(to, "tokenizer.json"))
-    with open(os.path.join(to, "vocab.txt"), "w", encoding="utf-8") as f:  # for the slow BertTokenizer
-        f.write("\n".join(tok.id_to_token(i) for i in range(tok.get_vocab_size())) + "\n")
+        Path(to, name).write_text(json.dumps(obj, indent=2))
+    tok.save(os.path.join(to, "tokenizer.json"))  # and vocab.txt, for the slow BertTokenizer:
+    Path(to, "vocab.txt").write_text("".join(f"{tok.id_to_token(i)}\n" for i in range(tok.get_vocab_size())), "utf-8")
     from safetensors.torch import save_file
     hf = hf_state_dict({k.removeprefix("bert."): v for k, v in sd.items()}, cfg)  # (a Classifier's BERT is .bert)
-    if labels:  # the encoder, as BertForPreTraining names it ("bert."), and the classifier, as it is named
-        hf = {**{k: v for k, v in hf.items() if k.startswith("bert.")}, "classifier.weight": sd["classifier.weight"],
-              "classifier.bias": sd["classifier.bias"]}
-    weights = {k: v.float().contiguous().clone() for k, v in hf.items()}
+    weights = {k: v.float().contiguous().clone() for k, v in hf.items() if not (labels and k.startswith("cls."))}
     save_file(weights, os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
     os.chmod(os.path.join(to, "model.safetensors"), os.stat(os.path.join(to, "config.json")).st_mode)  # not 600
     print(f"exported {folder} to {to}/; load it with transformers.{arch}.from_pretrained({to!r})")
@@ -977,8 +1013,9 @@ def add_config_flags(p, names=None, defaults={}):
         p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; "
                        "explicit flags (--layers, --lr, ...) win (default mini)")
 
-RULES = [("layers hidden heads ffn vocab_size max_position max_len batch_size grad_accum epochs lr log_every "
-          "save_every", lambda v: v > 0, "must be positive"),
+RULES = [("layers hidden heads ffn max_position max_len batch_size grad_accum epochs lr log_every save_every",
+          lambda v: 0 < v < math.inf, "must be positive and finite"),
+         ("vocab_size", lambda v: v > len(SPECIALS), f"must exceed the {len(SPECIALS)} special tokens"),
          ("dropout short_seq_prob warmup val_share beta2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
          ("mask_prob", lambda v: 0 < v < 1, "must be in (0, 1)"),
          ("max_steps budget weight_decay grad_clip", lambda v: 0 <= v < math.inf, "must be finite, not negative")]
@@ -995,8 +1032,6 @@ def build_config(args, base=None, world=1):
         die(f"--hidden {cfg.hidden} is not divisible by --heads {cfg.heads}")
     if not 8 <= cfg.max_len <= cfg.max_position:
         die(f"--max_len must be between 8 and --max_position ({cfg.max_position}), not {cfg.max_len}")
-    if cfg.vocab_size <= len(SPECIALS):
-        die(f"--vocab_size must exceed the {len(SPECIALS)} special tokens")
     if cfg.batch_size % (world * cfg.grad_accum):
         die(f"--batch_size {cfg.batch_size} must be a multiple of {world} process(es) x --grad_accum {cfg.grad_accum}")
     return dataclasses.replace(cfg, device=resolve_device(cfg.device))
@@ -1007,13 +1042,21 @@ def resolve_device(name):
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 def writable(out):
+    """Make --out and lock it: a second run there ends in one line. -> the lock file, for the caller to hold open."""
     try:
         os.makedirs(out, exist_ok=True)
-        open(os.path.join(out, "metrics.jsonl"), "a").close()
+        lock = open(os.path.join(out, "lock"), "a+")
+        with suppress(ImportError):  # (POSIX's flock, freed when this process ends however it ends; not on Windows)
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.truncate(0), lock.write(str(os.getpid())), lock.flush()
+    except BlockingIOError:
+        die(f"--out {out} is in use by another run (process {lock.seek(0) or lock.read()}); wait, or pick a new --out")
     except OSError as e:
         die(f"cannot write to --out {out} ({e.strerror}); pick another folder with --out")
+    return lock
 
-CPU_BUDGET = 15  # minutes: ~3,500 steps of tiny on 2 cores, held-out MLM accuracy 0.147, NSP 0.69 (README)
+CPU_BUDGET = 15  # minutes: ~3,500 steps of tiny on 2 cores, held-out MLM accuracy 0.144, NSP 0.72 (README)
 
 def cmd_train(args):
     if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs
@@ -1025,18 +1068,21 @@ def cmd_train(args):
     out, resume, saved = args.out or Config.out, None, None
     if args.resume:
         resume, tok, saved = load_checkpoint(out)
+        args.data = args.data or resume.get("data")  # the run's files (none: the hub's dataset)
     elif os.path.exists(os.path.join(out, "model.pt")):
         die(f"{out}/ already holds a checkpoint; continue it with --resume, or pick a new folder with --out")
-    cpu = not saved and world == 1 and resolve_device(args.device or "auto") == "cpu"  # its own default recipe
-    if cpu and all(getattr(args, k) is None for k in ("preset", "layers", "hidden", "epochs", "max_steps", "budget")):
-        args.preset, args.budget = "tiny", CPU_BUDGET
-        print(f"recipe: on a CPU, --preset tiny --budget {CPU_BUDGET} (mini's 40 epochs would take a day here; the "
-              "README's table); --preset, --epochs, --max_steps or --budget choose otherwise")
+    if not saved and world == 1 and resolve_device(args.device or "auto") == "cpu":  # the CPU's own default recipe
+        size, length = (all(getattr(args, k) is None for k in ks) for ks in (("preset", "layers", "hidden"),
+                                                                             ("epochs", "max_steps", "budget")))
+        args.preset, args.budget = "tiny" if size else args.preset, CPU_BUDGET if length else args.budget
+        if size or length:
+            print(f"recipe: on a CPU, {'--preset tiny ' * size}{f'--budget {CPU_BUDGET} ' * length}(mini's 40 epochs "
+                  "would take a day here; the README's table); --preset, --epochs, --max_steps, --budget say otherwise")
     cfg = build_config(args, saved and dataclasses.replace(saved, device="auto"), world)  # the device: this machine's
-    for name in ("layers", "hidden", "heads", "ffn", "vocab_size", "max_position"):  # a resume keeps the weights' shape
-        if saved and getattr(cfg, name) != getattr(saved, name):
+    for name in "layers hidden heads ffn vocab_size max_position max_len seed val_share short_seq_prob".split():
+        if saved and getattr(cfg, name) != getattr(saved, name):  # the weights' shape, and the pairs
             die(f"--resume: the checkpoint in {out}/ has {name} {getattr(saved, name)}, not {getattr(cfg, name)}; "
-                f"drop --{name} (or --preset)")
+                f"drop --{name}" + " (or --preset)" * (name in ("layers", "hidden")))
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer) if resume is None else die("--resume goes on with the run's tokenizer; "
                                                                         "drop --tokenizer")
@@ -1044,27 +1090,36 @@ def cmd_train(args):
         die("--budget runs in one process (the ranks' clocks would disagree); under torchrun, use --max_steps")
     torch.backends.cuda.matmul.allow_tf32 = True  # on CUDA, for what autocast leaves in fp32
     t0 = time.time()
-    hub = {} if args.data else load_hub(cfg, ("train", "validation"))
-    docs = read_corpus(args.data) if args.data else hub["train"]  # no validation split: a share held out, whole
-    train_docs, val_docs = (docs, hub["validation"]) if "validation" in hub else split_docs(docs, cfg)
-    writable(cfg.out)
+    train_docs, val_docs, note = held_out(args.data, cfg)
+    lock = writable(cfg.out) if rank == 0 else None  # (held to the end)
     if resume is None and not args.tokenizer:  # rank 0 trains the tokenizer (not deterministic), sends it to all
         tok = [train_tokenizer((s for d in train_docs for s in d), cfg.vocab_size).to_str() if rank == 0 else None]
         if world > 1:
             dist.broadcast_object_list(tok, 0)
         tok = Tokenizer.from_str(tok[0])
-    if resume is None:
-        cfg = dataclasses.replace(cfg, vocab_size=tok.get_vocab_size())
+    cfg = dataclasses.replace(cfg, vocab_size=tok.get_vocab_size())  # (a resumed run's: the same)
     t_tok = time.time() - t0
     # (rank 0 writes the cache, and only for a new run: a resume with other text must not leave one in the run's folder)
-    corpus, cached = cached_corpus(tok, train_docs + val_docs, cfg.out, save=rank == 0 and resume is None)
+    corpus, cached, digest = cached_corpus(tok, train_docs + val_docs, cfg.out, save=rank == 0 and resume is None)
+    if resume and resume.get("data_hash", digest) != digest:
+        die(f"--resume: this text is not the run's ({' '.join(resume.get('data') or [cfg.dataset])}); pass the run's "
+            "--data, unchanged")
     n = len(train_docs)
     val_pairs = make_pairs(corpus, range(n, n + len(val_docs)), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)[:4096]
+    pairs0 = pairs_or_die(corpus, range(n), cfg, cfg.seed)  # A and IsNext's B: distinct tokens, in place
+    cover = float(pairs0[:, 1].sum() + pairs0[:, 3][pairs0[:, 4] == 0].sum()) / int(corpus.sents[corpus.docs[n]])
     if rank == 0:
         print(f"data: {time.time() - t0:.1f} s (reading and tokenizer {t_tok:.1f} s{', corpus cached' * cached}) | "
-              f"{n} documents, {len(corpus.ids):,} tokens in all, {len(val_pairs)} pairs held out | vocabulary "
+              f"{n} documents{note} and {len(val_docs)} held out, {len(corpus.ids):,} tokens in all, an epoch's "
+              f"pairs use {cover:.0%} of the training tokens, {len(val_pairs)} pairs held out | vocabulary "
               f"{tok.get_vocab_size()}\nconfig: {json.dumps(dataclasses.asdict(cfg))}")
-    train(cfg, tok, corpus, range(n), val_pairs if len(val_pairs) else None, resume)
+        for why in [f"an epoch's pairs use only {cover:.0%} of the training tokens: a document of one sentence is only "
+                    "a NotNext partner; give documents of several sentences"] * (cover < 0.5) + [
+                    "no pairs are held out (that needs 8 documents or more, and --val_share > 0): nothing evaluates "
+                    "this run"] * (not len(val_pairs)):
+            print(f"warning: {why}", file=sys.stderr)
+    train(cfg, tok, corpus, range(n), val_pairs if len(val_pairs) else None, resume, pairs0=pairs0,
+          meta={"data": args.data and [os.path.abspath(p) for p in args.data], "data_hash": digest})
 
 def cmd_demo(args):
     model, tok, cfg, state = load_model(args.ckpt, resolve_device(args.device))
@@ -1095,8 +1150,8 @@ def cmd_eval(args):
         m = {**evaluate_classifier(model, encode_rows(tok, rows, cfg.max_len)[0], device), "examples": len(rows)}
         return print(json.dumps(m) if args.json else f"{len(rows)} examples | acc {m['acc']:.4f} | "
                      f"loss {m['loss']:.4f}")
-    docs = read_corpus(args.data) if args.data else load_hub(cfg, ("validation",))["validation"]
-    corpus, _ = cached_corpus(tok, docs, args.ckpt)
+    docs = read_corpus(args.data) if args.data else held_out(state.get("data"), cfg)[1]  # the run's held-out text
+    corpus = cached_corpus(tok, docs, args.ckpt)[0]
     pairs = pairs_or_die(corpus, range(len(docs)), cfg, cfg.seed + 1)
     m = {**evaluate(model, corpus.ids.to(device), pairs.to(device), cfg), "pairs": len(pairs)}
     print(json.dumps(m) if args.json else f"{len(pairs)} pairs | mlm_loss {m['mlm_loss']:.4f} | "
@@ -1128,7 +1183,7 @@ def cmd_finetune(args):
     model = Classifier(cfg, len(names))
     if not args.scratch:
         load_weights(model.bert, state, args.ckpt)
-    writable(cfg.out)
+    lock = writable(cfg.out)  # (held to the end)
     finetune(cfg, model, tok, rows, held, {"labels": names, "columns": [*cols, args.label_col]})
 
 def cmd_bench(args):
@@ -1139,6 +1194,7 @@ def cmd_bench(args):
 
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once, also in a file
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: temporary files are removed
     p = Parser(prog="minibert.py", description="BERT pretraining from scratch, in one file.", allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", parser_class=Parser)
     commands = {"train": (cmd_train, "pretrain (a hub dataset, or --data FILE)"),
@@ -1150,9 +1206,9 @@ def main(argv=None):
     t, b, d, e, x, f = (sub.add_parser(name, allow_abbrev=False, help=h) for name, (_, h) in commands.items())
     for q in (t, b):
         add_config_flags(q)
-    for q, default in ((t, "the hub dataset, --dataset"), (e, "the hub dataset's validation split")):
-        q.add_argument("--data", nargs="+", action="extend", metavar="FILE", help="local text (WikiText layout; .txt, "
-                       f".gz or .parquet) or the Cornell Movie-Dialogs folder; may be repeated (default {default})")
+    for q, default in ((t, "the hub dataset, --dataset"), (e, "the run's held-out documents")):
+        q.add_argument("--data", nargs="+", action="extend", metavar="FILE",
+                       help=f"text files or folders, repeatable. {DOCUMENTS} (default {default})")
     t.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     t.add_argument("--tokenizer", metavar="FILE", help="the tokenizer of a checkpoint, a tokenizer.json or vocab.txt")
     b.add_argument("--steps", type=int, default=20, help="timed steps, after 5 warm-up steps (default 20)")
@@ -1164,7 +1220,8 @@ def main(argv=None):
     add_config_flags(f, "lr epochs batch_size dropout warmup beta2 weight_decay grad_clip grad_accum val_share seed "
                      "log_every max_len device out", {**FINETUNE, "lr": "the preset's: " + ", ".join(
                          f"{k} {v[3]:g}" for k, v in PRESETS.items()), "out": "finetuned"})
-    f.add_argument("--data", required=True, metavar="FILE", help="labelled texts: .tsv or .csv, with a header (GLUE)")
+    f.add_argument("--data", required=True, metavar="FILE", help="labelled texts: .tsv, .csv (a header row, as "
+                   "GLUE's), .jsonl, .json or .parquet")
     f.add_argument("--val", metavar="FILE", help="held-out data, as --data (default: --val_share of --data's rows)")
     f.add_argument("--text_cols", nargs="+", metavar="COL", help="the text column, or two (default: found by name)")
     f.add_argument("--label_col", default="label", metavar="COL", help="the label column (default label)")

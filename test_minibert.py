@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -435,19 +436,20 @@ def test_nonfinite_losses_stop_and_keep_last_checkpoint(tmp_path, tok, docs):
 
 
 def test_corpus_cache_reused_stale_and_damaged(tmp_path, tok, docs, capsys):
-    corpus, cached = mb.cached_corpus(tok, docs, str(tmp_path))
+    corpus, cached, digest = mb.cached_corpus(tok, docs, str(tmp_path))
     (path,) = tmp_path.glob("corpus-*.pt")
     assert not cached
-    again, cached = mb.cached_corpus(tok, docs, str(tmp_path))
-    assert cached and all(torch.equal(x, y) for x, y in zip(corpus, again))
-    _, cached = mb.cached_corpus(tok, docs[:-1], str(tmp_path))  # other text: another key, never this cache
+    again, cached, same = mb.cached_corpus(tok, docs, str(tmp_path))
+    assert cached and all(torch.equal(x, y) for x, y in zip(corpus, again)) and same == digest
+    _, cached, changed = mb.cached_corpus(tok, docs[:-1], str(tmp_path))
+    assert changed != digest  # the text's hash, which a checkpoint keeps for --resume  # other text: another key, never this cache
     assert not cached and len(list(tmp_path.glob("corpus-*.pt"))) == 2
     other = mb.train_tokenizer((s for d in docs[:3] for s in d), 100)
-    _, cached = mb.cached_corpus(other, docs, str(tmp_path))  # another tokenizer: the same
+    _, cached, _ = mb.cached_corpus(other, docs, str(tmp_path))  # another tokenizer: another key
     assert not cached and len(list(tmp_path.glob("corpus-*.pt"))) == 3
     for damage in (b"garbage", path.read_bytes()[:-100]):
         path.write_bytes(damage)
-        rebuilt, cached = mb.cached_corpus(tok, docs, str(tmp_path))
+        rebuilt, cached, _ = mb.cached_corpus(tok, docs, str(tmp_path))
         assert not cached and "damaged" in capsys.readouterr().err
         assert all(torch.equal(x, y) for x, y in zip(corpus, rebuilt))
         assert mb.cached_corpus(tok, docs, str(tmp_path))[1]  # and written again, whole
@@ -525,6 +527,109 @@ def test_gzip_and_parquet_files(tmp_path):
     assert mb.read_corpus([str(tmp_path / "c.txt.gz")]) == plain == mb.read_corpus([str(tmp_path / "c.parquet")])
 
 
+def test_every_shape_of_text_gives_the_same_documents(tmp_path):
+    """A document per line, per blank-line block, per row of .jsonl/.json/.csv/.tsv/.parquet, per file of a folder;
+    compressed; UTF-16 or with a UTF-8 BOM: the same documents, sentence for sentence."""
+    articles = mb.parse_wikitext(make_corpus(n_docs=6).splitlines())
+    texts = [" ".join(d) for d in articles]
+    files = {"lines.txt": "\n".join(texts), "blocks.txt": "\n\n".join("\n".join(d) for d in articles),
+             "rows.jsonl": "\n".join(json.dumps({"id": i, "text": t}) for i, t in enumerate(texts)),
+             "rows.json": json.dumps([{"text": t} for t in texts]), "rows.tsv": "text\n" + "\n".join(texts),
+             "rows.csv": "n,text\n" + "\n".join(f'{i},"{t}"' for i, t in enumerate(texts))}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    import bz2, lzma
+    for ext, pack in ((".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)):
+        (tmp_path / ("lines.txt" + ext)).write_bytes(pack(files["lines.txt"].encode()))
+        (tmp_path / ("rows.jsonl" + ext)).write_bytes(pack(files["rows.jsonl"].encode()))
+    (tmp_path / "utf16.txt").write_text(files["lines.txt"], encoding="utf-16")  # with its byte-order mark
+    (tmp_path / "folder").mkdir()
+    for i, d in enumerate(articles):  # a file per document: its sentences in paragraphs
+        (tmp_path / "folder" / f"{i:02}.txt").write_text("\n\n".join(d) + "\n")
+    (tmp_path / "folder" / "notes.pt").write_bytes(b"\0\1")  # not text: ignored
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+    pq.write_table(pyarrow.table({"text": texts, "n": list(range(len(texts)))}), str(tmp_path / "rows.parquet"))
+    for name in [*files, "lines.txt.gz", "lines.txt.bz2", "lines.txt.xz", "rows.jsonl.gz", "rows.jsonl.xz",
+                 "utf16.txt", "folder", "rows.parquet"]:
+        assert mb.read_corpus([str(tmp_path / name)]) == articles, name
+    (tmp_path / "bom.txt").write_text("\ufeff" + make_corpus(n_docs=6), encoding="utf-8")  # the BOM hid a title
+    assert mb.read_corpus([str(tmp_path / "bom.txt")]) == articles
+
+
+def coverage(corpus, pairs):
+    """The share of the corpus's tokens in a pair's A or B (the data line's figure counts those of A and IsNext's B)."""
+    held = torch.zeros(len(corpus.ids), dtype=torch.bool)
+    for start, length in pairs[:, :4].reshape(-1, 2).tolist():
+        held[start : start + length] = True
+    return held.float().mean().item()
+
+
+def test_sentences_split_in_any_script_and_long_ones_are_cut(tok):
+    """Capitals of any script end a sentence before them (and 。 ends one); a sentence that pairing cannot use whole
+    (lower-cased or unpunctuated text) is cut into pieces at token level, so that an epoch's pairs hold ~all tokens."""
+    assert mb.SENTENCE_END.split("Der Hund schläft . Ärger kommt . Это кот. Ёж спит! «Да». 猫です。犬です") == [
+        "Der Hund schläft .", "Ärger kommt .", "Это кот.", "Ёж спит! «Да». 猫です。", "犬です"]
+    docs = [[" ".join(d).lower()] for d in mb.parse_wikitext(make_corpus().splitlines())]  # an article per line
+    corpus = mb.encode_corpus(tok, docs)
+    assert all(len(d) == 1 for d in docs) and (corpus.sents.diff() > 40).all()  # one long sentence each
+    S, D = mb.cut_long(corpus, 14)
+    lens = torch.tensor(S).diff()
+    assert lens.max() <= 14 and S[-1] == len(corpus.ids) and D[-1] == len(S) - 1 and len(D) == len(docs) + 1
+    pairs = mb.make_pairs(corpus, range(len(docs)), 32, seed=0)
+    assert (pairs[:, 1] + pairs[:, 3] <= 29).all() and coverage(corpus, pairs) > 0.9
+
+
+def test_one_document_is_cut_so_that_notnext_has_partners(tmp_path):
+    (tmp_path / "one.txt").write_text(" ".join(w for _ in range(400) for w in WORDS[:12]) + "\n")  # one line, no "."
+    train_docs, val_docs, note = mb.held_out([str(tmp_path / "one.txt")], TINY)
+    assert len(train_docs) == 18 and len(val_docs) == 2 and "one document" in note
+    assert sum(len(s.split()) for d in train_docs + val_docs for s in d) == 4800  # every word, once
+    (tmp_path / "short.txt").write_text(" ".join(WORDS[:10] * 50) + "\n")  # 500 words: parts of 100, each pairs
+    train_docs, val_docs, _ = mb.held_out([str(tmp_path / "short.txt")], TINY)
+    assert [len(d[0].split()) for d in train_docs] == [100] * 5 and not val_docs  # too few to hold some out
+
+
+def test_full_disk_keeps_the_last_checkpoint_and_says_which(tmp_path, tok, docs, monkeypatch):
+    """A save that runs out of space: one line naming the step kept; metrics.jsonl has no evaluation that no
+    checkpoint holds; no temporary file is left. The corpus cache is best effort, whatever fails."""
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), max_len=32, batch_size=8, max_steps=4,
+                              save_every=2, out=str(tmp_path))
+    corpus, n = mb.encode_corpus(tok, docs), len(docs) - 2
+    val = mb.make_pairs(corpus, range(n, len(docs)), cfg.max_len, 1)
+    real_save, calls = torch.save, []
+
+    def save(obj, f):  # the second checkpoint: the disk fills up half-way, as torch reports it
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"x" * 100)
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 64 vs 0")
+        real_save(obj, f)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as err:
+        mb.train(cfg, tok, corpus, range(n), val)
+    assert "No space left on device" in err.value.code and "the last checkpoint (step 2)" in err.value.code
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "model.pt"]  # no temporary file
+    assert [r["eval"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "eval" in r] == [2]
+    assert mb.load_checkpoint(str(tmp_path))[0]["step"] == 2
+    monkeypatch.setattr(mb, "save_checkpoint", lambda *a: (_ for _ in ()).throw(RuntimeError("full")))
+    assert mb.cached_corpus(tok, docs, str(tmp_path))[0].ids.equal(corpus.ids)  # no cache, no error
+
+
+def test_nan_evaluation_warns_and_is_not_saved(tmp_path, tok, docs, monkeypatch, capsys):
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), max_len=32, batch_size=8, max_steps=4,
+                              save_every=2, out=str(tmp_path))
+    corpus, n = mb.encode_corpus(tok, docs), len(docs) - 2
+    real = mb.evaluate
+    monkeypatch.setattr(mb, "evaluate", lambda *a: {**real(*a), "mlm_loss": math.nan})
+    mb.train(cfg, tok, corpus, range(n), mb.make_pairs(corpus, range(n, len(docs)), cfg.max_len, 1))
+    assert "held-out MLM loss is nan" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "model.pt")  # every evaluation was NaN: nothing saved
+
+
 # ---------------------------------------------------------------------------- the command line, as subprocesses
 
 
@@ -535,7 +640,8 @@ def run(*args, cwd=HERE, env=None):
 
 FORK_SERVER = r"""
 import json, os, runpy, sys, traceback
-import torch, tokenizers  # imported once here; each forked case starts with them loaded
+import torch, torch._dynamo, tokenizers  # imported once here; each forked case starts with them loaded (a BERT's
+# first normal_ imports torch._dynamo: ~1.5 s of CPU per case that builds one)
 script, cases = sys.argv[1], json.load(sys.stdin)
 children = {}
 for name, args in cases.items():
@@ -627,6 +733,26 @@ def cli(tmp_path_factory):
     state["config"]["device"], state["rng"]["mask"] = "cuda", torch.zeros(16, dtype=torch.uint8)
     torch.save(state, gpu / "model.pt")
     shutil.copytree(ckpt, d / "exported")  # export into a checkpoint's own folder must not damage it
+    for name in ("finished", "other_data", "edited", "busy"):  # resumes of their own: one run per folder at a time
+        shutil.copytree(ckpt, d / name)
+    (d / "edited.txt").write_text(make_corpus().replace("cat", "dog"))  # the text edited after the run began
+    state = torch.load(d / "edited" / "model.pt", weights_only=True)
+    state["data"] = [str(d / "edited.txt")]  # (the run's text, as --resume without --data finds it)
+    torch.save(state, d / "edited" / "model.pt")
+    lock = open(d / "busy" / "lock", "w")  # another run, alive, holds the folder
+    import fcntl
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write(str(os.getpid())), lock.flush()
+    articles = mb.parse_wikitext(make_corpus().splitlines())
+    (d / "lower.txt").write_text("\n\n".join(" ".join(a).lower().replace(" .", "") for a in articles) + "\n")
+    (d / "short_docs.txt").write_text("\n\n".join(["\n".join(articles[0][:2]), *(a[0] for a in articles[1:7])]))
+    # (7 documents, 6 of one sentence)
+    (d / "utf16le.txt").write_bytes("The cat sat .\n".encode("utf-16-le"))  # no byte-order mark
+    (d / "texts.zip").write_bytes(b"PK\x03\x04" + b"\0" * 30)
+    (d / "damaged.txt.xz").write_bytes(b"\xfd7zXZ\0" + b"x" * 40)
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+    pq.write_table(pyarrow.table({"content": ["The cat sat ."]}), str(d / "content.parquet"))
     half_cornell = d / "cornell"  # movie_lines.txt without movie_conversations.txt
     half_cornell.mkdir()
     (half_cornell / "movie_lines.txt").write_text("L1 +++$+++ u0 +++$+++ m0 +++$+++ A +++$+++ Hi .\n")
@@ -660,7 +786,7 @@ def cli(tmp_path_factory):
         "data_not_gzip": ["train", "--data", str(d / "rand.gz"), "--out", str(d / "o12")],
         "eval": ["eval", "--data", c, "--ckpt", ckpt, "--json"],
         "eval_again": ["eval", "--data", c, "--ckpt", ckpt, "--json"],
-        "resume_finished": ["train", "--data", c, "--out", ckpt, "--resume"],
+        "resume_finished": ["train", "--out", str(d / "finished"), "--resume"],  # the run's --data, from its checkpoint
         "eval_twice": ["eval", "--data", c, "--data", str(d / "other.txt"), "--ckpt", ckpt, "--json"],
         "no_command": [],
         "train_help": ["train", "--help"],
@@ -675,7 +801,7 @@ def cli(tmp_path_factory):
         "resume_from_gpu": ["train", "--data", c, "--resume", "--out", str(gpu), "--max_steps", "8"],
         "data_missing": ["train", "--data", str(d / "nope.txt"), "--out", str(d / "o1")],
         "data_empty": ["train", "--data", str(d / "empty.txt"), "--out", str(d / "o2")],
-        "data_folder": ["train", "--data", str(d), "--out", str(d / "o3")],
+        "data_folder": ["train", "--data", str(bad), "--out", str(d / "o3")],
         "data_latin1": ["train", "--data", str(d / "latin1.txt"), "--out", str(d / "o4")],
         "data_too_little": ["train", "--data", str(d / "one.txt"), "--out", str(d / "o5")],
         "cornell_half": ["train", "--data", str(half_cornell), "--out", str(d / "o10")],
@@ -697,7 +823,24 @@ def cli(tmp_path_factory):
         "max_len_too_long": ["train", "--data", c, "--max_len", "1000"],
         "dropout_range": ["train", "--data", c, "--dropout", "1.5"],
         "resume_nothing": ["train", "--data", c, "--resume", "--out", str(d / "o8")],
-        "resume_other_data": ["train", "--data", str(d / "other.txt"), "--resume", "--out", ckpt],
+        "resume_other_data": ["train", "--data", str(d / "other.txt"), "--resume", "--out", str(d / "other_data")],
+        "resume_edited": ["train", "--resume", "--out", str(d / "edited"), "--max_steps", "8"],
+        "resume_max_len": ["train", "--data", c, "--resume", "--out", ckpt, "--max_len", "64"],
+        "resume_seed": ["train", "--data", c, "--resume", "--out", ckpt, "--seed", "1"],
+        "out_in_use": ["train", "--resume", "--out", str(d / "busy"), "--max_steps", "8"],
+        "eval_held_out": ["eval", "--ckpt", ckpt, "--json"],
+        "lr_inf": ["train", "--data", c, "--lr", "inf"],
+        "weight_decay_inf": ["train", "--data", c, "--weight_decay", "inf"],
+        "data_utf16_no_bom": ["train", "--data", str(d / "utf16le.txt"), "--out", str(d / "o13")],
+        "data_zip": ["train", "--data", str(d / "texts.zip"), "--out", str(d / "o14")],
+        "data_damaged_xz": ["train", "--data", str(d / "damaged.txt.xz"), "--out", str(d / "o15")],
+        "data_no_text_column": ["train", "--data", str(d / "body.csv"), "--out", str(d / "o16")],
+        "parquet_no_text_column": ["train", "--data", str(d / "content.parquet"), "--out", str(d / "o17")],
+        "eval_tsv_on_pretrained": ["eval", "--data", task, "--ckpt", ckpt],
+        "train_lower": ["train", "--data", str(d / "lower.txt"), "--preset", "tiny", "--vocab_size", "300", "--max_len",
+                        "48", "--max_steps", "1", "--out", str(d / "o18")],
+        "train_short_docs": ["train", "--data", str(d / "short_docs.txt"), "--preset", "tiny", "--vocab_size", "300",
+                             "--max_len", "48", "--max_steps", "1", "--out", str(d / "o19")],
         "export_no_ckpt": ["export", "--ckpt", str(d / "nowhere"), "--to", str(d / "hf")],
         "export_unwritable": ["export", "--ckpt", ckpt, "--to", str(corpus / "hf")],
         "export_into_ckpt": ["export", "--ckpt", str(d / "exported"), "--to", str(d / "exported")],
@@ -721,6 +864,7 @@ def cli(tmp_path_factory):
     env = dict(cpu, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")  # hub: fails at once;
     # one thread per case: ~50 cases run at once on the cores, and torch's thread pools would fight
     results = run_many(cases, env)
+    lock.close()
     p = run(*cases["unknown_flag"], env=env)  # and once as a plain `python minibert.py ...`, to be sure
     assert (p.returncode, p.stdout, p.stderr) == results["unknown_flag"]
     return {"trained": trained, "ckpt": ckpt, "out": d, "tuned": tuned, **results}
@@ -729,7 +873,7 @@ def cli(tmp_path_factory):
 def test_cli_train_writes_checkpoint_and_log(cli):
     out = cli["trained"].stdout
     assert "step 6/6" in out and "data:" in out and "config:" in out
-    assert {f for f in os.listdir(cli["ckpt"]) if not f.startswith("corpus-")} == {"model.pt", "metrics.jsonl"}
+    assert {f for f in os.listdir(cli["ckpt"]) if not f.startswith("corpus-")} == {"model.pt", "metrics.jsonl", "lock"}
     log = [json.loads(line) for line in open(os.path.join(cli["ckpt"], "metrics.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 6] and all(math.isfinite(r["loss"]) for r in log if "loss" in r)
     assert any(r.get("eval") == 6 for r in log)
@@ -788,6 +932,27 @@ def test_cli_resume_of_a_finished_run_says_so_and_uses_the_cache(cli):
     assert "corpus cached" in out and "had finished (6 steps" in out and "--max_steps" in out
 
 
+def test_cli_own_text_is_used_whole_and_says_so(cli):
+    """Lower-cased text, an article per line: its long 'sentences' are cut, so an epoch's pairs hold ~all its tokens.
+    Documents of one sentence, and too few documents to hold some out: each a warning that says why."""
+    code, out, err = cli["train_lower"]
+    assert code == 0 and "warning" not in err, err
+    assert int(re.search(r"an epoch's pairs use (\d+)% of the training tokens", out)[1]) >= 90
+    code, out, err = cli["train_short_docs"]
+    assert code == 0, err
+    assert "use only" in err and "a document of one sentence is only a NotNext partner" in err
+    assert "no pairs are held out" in err and "0 pairs held out" in out
+
+
+def test_cli_resume_and_eval_find_the_runs_text(cli):
+    """--resume without --data goes on with the run's files; eval without --data scores the run's held-out documents."""
+    held = int(re.search(r"(\d+) pairs held out", cli["trained"].stdout)[1])
+    code, out, err = cli["eval_held_out"]
+    assert code == 0, err
+    assert json.loads(out)["pairs"] == held > 0
+    assert "had finished" in cli["resume_finished"][1]
+
+
 def test_cli_data_given_twice_reads_both(cli):
     (code, out, err), one = cli["eval_twice"], json.loads(cli["eval"][1])
     assert code == 0, err
@@ -842,12 +1007,16 @@ def test_cli_non_finite_message_tells_the_truth(cli):
         assert torch.load(ckpt, weights_only=True)["step"] == step
 
 
-def test_interrupt_while_loading_data_exits_130(monkeypatch, capsys):
-    def ctrl_c(paths):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(mb, "read_corpus", ctrl_c)
-    with pytest.raises(SystemExit) as e:
-        mb.main(["train", "--data", "x.txt"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_while_loading_data_exits_130(monkeypatch, capsys, sig):
+    """Ctrl-C or SIGTERM outside the loop: KeyboardInterrupt, so a file being written (the corpus cache) is removed
+    (test_interrupted_write_keeps_previous_checkpoint), and exit status 130."""
+    monkeypatch.setattr(mb, "read_corpus", lambda paths: os.kill(os.getpid(), getattr(signal, sig)))
+    try:
+        with pytest.raises(SystemExit) as e:
+            mb.main(["train", "--data", "x.txt"])
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
 
 
@@ -870,15 +1039,15 @@ def test_cli_finetune_then_demo_eval_export(cli):
 BAD = {  # case -> what the one-line message must mention
     "ft_demo_three": "one text or a pair", "ft_eval_no_data": "pass --data FILE", "ft_no_label": "needs a 'label' column",
     "ft_no_text": "two text columns", "ft_one_class": "one label only", "ft_unseen_label": "maybe, which the model was not",
-    "ft_not_utf8": "pass a UTF-8 .tsv", "ft_empty_file": "cannot read", "ft_missing_file": "No such file",
+    "ft_not_utf8": "not UTF-8 text: byte 0xe9 at offset 18 (line 2", "ft_empty_file": "is not a table", "ft_missing_file": "No such file",
     "ft_ckpt_classifier": "holds a fine-tuned classifier", "ft_ckpt_foreign": "not a minibert checkpoint",
     "ft_existing_out": "already holds a checkpoint", "tok_missing": "cannot read --tokenizer", "tok_no_specials": "has no [MASK]",
     "tok_not_json": "cannot read --tokenizer", "tok_resume": "drop --tokenizer", "budget_inf": "--budget must be finite",
     "no_mask": "no [MASK]", "empty_text": "no [MASK]", "no_ckpt": "train one first", "foreign_ckpt": "not a minibert checkpoint",
     "truncated_ckpt": "not a minibert checkpoint", "old_version_ckpt": "another version of minibert",
-    "old_version_demo": "another version of minibert", "old_version_export": "another version of minibert", "data_missing": "does not exist",
-    "data_empty": "holds no text", "data_folder": "is a folder without movie_lines.txt", "data_latin1": "is not UTF-8 text (invalid continuation byte, byte 0xe9)",
-    "data_too_little": "too little text", "data_not_gzip": "is not gzip-compressed", "cornell_half": "is a folder without movie_conversations.txt",
+    "old_version_demo": "another version of minibert", "old_version_export": "another version of minibert", "data_missing": "(No such file or directory)",
+    "data_empty": "holds no text", "data_folder": "is a folder without .txt or .md files", "data_latin1": "is not UTF-8 text: byte 0xe9 at offset 3 (line 1",
+    "data_too_little": "too little text", "data_not_gzip": "too little text", "cornell_half": "is a folder without movie_conversations.txt",
     "unknown_flag": "unrecognized arguments: --bogus 1 (see: python minibert.py train --help)", "bad_type": "invalid int value",
     "zero_batch": "--batch_size must be positive", "batch_not_multiple": "must be a multiple of",
     "negative_epochs": "--epochs must be positive", "zero_lr": "--lr must be positive",
@@ -886,7 +1055,12 @@ BAD = {  # case -> what the one-line message must mention
     "bad_preset": "invalid choice", "unwritable_out": "cannot write", "existing_out": "--resume",
     "resume_other_shape": "hidden 128, not 64", "no_hub": "--data FILE", "top_k_zero": "--top_k",
     "heads_mismatch": "not divisible", "max_len_too_long": "--max_len must be between", "dropout_range": "--dropout must be in",
-    "resume_nothing": "train one first", "resume_other_data": "same --data", "export_no_ckpt": "train one first",
+    "resume_nothing": "train one first", "resume_other_data": "this text is not the run's", "resume_edited": "edited.txt); pass the run's --data, unchanged",
+    "resume_max_len": "has max_len 48, not 64; drop --max_len", "resume_seed": "has seed 1337, not 1; drop --seed",
+    "out_in_use": f"is in use by another run (process {os.getpid()})", "lr_inf": "--lr must be positive and finite",
+    "weight_decay_inf": "--weight_decay must be finite", "data_utf16_no_bom": "UTF-16 without a byte-order mark (iconv",
+    "data_zip": "is not text: a zip or 7z archive (unpack it)", "data_damaged_xz": "cannot read", "eval_tsv_on_pretrained": "(its columns: sentence, label)",
+    "data_no_text_column": "has no 'text' column (its columns: body, label)", "parquet_no_text_column": "(its columns: content)", "export_no_ckpt": "train one first",
     "export_unwritable": "cannot create --to", "eval_too_little": "too little text",
     "bench_out_of_memory": "out of memory", "lr_diverges": "lower --lr", "no_cuda": "--device cpu",
 }
@@ -896,7 +1070,7 @@ BAD = {  # case -> what the one-line message must mention
 def test_cli_bad_input_is_one_clean_line(cli, case):
     code, out, err = cli[case]
     assert code != 0
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and len([s for s in err.strip().splitlines() if not s.startswith("warning:")]) == 1, err
     assert BAD[case] in err
 
 
@@ -999,17 +1173,17 @@ def test_budget_schedule_follows_the_clock_and_resumes(tmp_path, tok, docs, monk
 
 
 def test_cpu_default_recipe(tmp_path, monkeypatch, capsys):
-    """A new run on a CPU with no length or size given is tiny for CPU_BUDGET minutes; any of those flags, or
-    --device cuda, keeps Config's defaults."""
+    """A new run on a CPU is tiny unless a size is given, and CPU_BUDGET minutes long unless a length is given."""
     (tmp_path / "c.txt").write_text(make_corpus())
     runs = []
-    monkeypatch.setattr(mb, "train", lambda cfg, *a: runs.append(cfg))
+    monkeypatch.setattr(mb, "train", lambda cfg, *a, **k: runs.append(cfg))
     monkeypatch.setattr(mb, "train_tokenizer", lambda s, v, small=mb.train_tokenizer: small(s, 120))
-    for i, extra in enumerate(([], ["--epochs", "2"], ["--preset", "mini"])):
+    for i, extra in enumerate(([], ["--epochs", "2"], ["--preset", "mini"], ["--preset", "mini", "--max_steps", "9"])):
         mb.main(["train", "--data", str(tmp_path / "c.txt"), "--device", "cpu", "--out", str(tmp_path / str(i)), *extra])
     assert (runs[0].hidden, runs[0].budget, runs[0].lr) == (128, mb.CPU_BUDGET, mb.PRESETS["tiny"][2])
-    assert "recipe: on a CPU, --preset tiny" in capsys.readouterr().out
-    assert (runs[1].hidden, runs[1].budget, runs[1].epochs) == (256, 0, 2) and runs[2].budget == 0
+    assert "recipe: on a CPU, --preset tiny --budget 15 (" in capsys.readouterr().out
+    assert (runs[1].hidden, runs[1].budget, runs[1].epochs) == (128, 0, 2)  # a length alone: still tiny
+    assert (runs[2].hidden, runs[2].budget) == (256, mb.CPU_BUDGET) and (runs[3].hidden, runs[3].budget) == (256, 0)
 
 
 def test_tokenizer_from_each_source_is_the_same(tmp_path, tok):
@@ -1050,6 +1224,7 @@ def test_export_loads_into_transformers(tmp_path, tok):
     assert not info["missing_keys"], info
     hf = transformers.BertForPreTraining.from_pretrained(out).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.model_max_length == cfg.max_len  # positions past it were never trained
     enc = hf_tok(["the cat sat", "the dog"], ["on the mat .", "ran under the old bridge ."], padding=True, return_tensors="pt")
     ours = [tok.encode(a, b) for a, b in (("the cat sat", "on the mat ."), ("the dog", "ran under the old bridge ."))]
     for row, e in zip(enc["input_ids"].tolist(), ours):
