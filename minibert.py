@@ -438,9 +438,9 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pa
             "--epochs, --max_steps or --budget")
         return raw
     os.makedirs(cfg.out, exist_ok=True)
-    say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per "
-        f"epoch, {steps_per_epoch} steps per epoch of {B} sequences, " +
-        (f"{cfg.budget:g} minutes of training" if cfg.budget else f"{total} steps"))
+    say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per epoch, "
+        f"{steps_per_epoch} steps per epoch of {B} sequences, "
+        f"{f'{cfg.budget:g} minutes of training' if cfg.budget else f'{total} steps'}{f', from {step}' * (step > 0)}")
     sums = torch.zeros(5, device=device)  # the steps' stats, summed over a log interval, on the device
     skipped, in_a_row, worst = (torch.zeros((), device=device) for _ in range(3))  # non-finite steps
     first, pairs, n_steps, t_data, t0 = step, None, 0, 0.0, time.time()

@@ -976,6 +976,7 @@ def test_cli_resume_on_the_cpu_of_a_gpu_run(cli):
     code, out, err = cli["resume_from_gpu"]
     assert code == 0, err
     assert "moved between the CPU and a GPU" in out and "step 8/8" in out and '"device": "cpu"' in out
+    assert "8 steps, from 6" in out  # where it goes on from
 
 
 def test_cli_help(cli):
