@@ -132,12 +132,8 @@ def encode_corpus(tok, docs):
     words = list({w for s in texts for w in s.split()})  # BERT's tokenizer splits at spaces first: each word once
     enc = tok.encode_batch_fast(words, add_special_tokens=False)  # WikiText-2 x 10 (21M words), 2 cores: 9 s, not 37 s
     cache = {w: array("i", e.ids).tobytes() for w, e in zip(words, enc)}  # word -> its ids as int32 bytes
-    parts = []  # each sentence's ids as int32 bytes
-    for i, s in enumerate(texts):
-        parts.append(array("i", tok.encode(s, add_special_tokens=False).ids).tobytes() if ODD_SPACE.search(s) else
-                     b"".join(map(cache.__getitem__, s.split())))
-        if len(texts) > 500_000 and i % (len(texts) // 10) == 0:  # a progress line per 10 % of a large corpus
-            print(f"tokenizing: {i:,} of {len(texts):,} sentences", file=sys.stderr)
+    parts = [array("i", tok.encode(s, add_special_tokens=False).ids).tobytes() if ODD_SPACE.search(s) else
+             b"".join(map(cache.__getitem__, s.split())) for s in texts]  # each sentence's ids as int32 bytes
     lens = torch.tensor([len(b) // 4 for b in parts], dtype=torch.int64)  # (sentences,) in tokens (4 bytes each)
     sents = F.pad(lens[lens > 0].cumsum(0), (1, 0))  # (S + 1,) offsets of the non-empty sentences
     firsts = F.pad(torch.tensor([len(d) for d in docs], dtype=torch.int64).cumsum(0), (1, 0))  # (D + 1,) in texts
@@ -263,11 +259,11 @@ class Layer(nn.Module):
             idx = idx[:, :, None].expand(-1, -1, H)  # (B, Tq, H)
             q, x = q.gather(1, idx), x.gather(1, idx)  # (B, Tq, H) the queries and the residual at those rows
         q, k, v = (t.view(B, -1, self.nh, H // self.nh).transpose(1, 2) for t in (q, k, v))  # (B, nh, Tq or T, hs)
-        y = attention(q, k, v, mask, self.p if self.training else 0.0)  # (B, nh, Tq, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
         a = self.proj(y.transpose(1, 2).reshape(x.shape))  # (B, Tq, H)
-        x = self.ln1(x + dropout(a, self.p, self.training))  # (B, Tq, H)
+        x = self.ln1(x + F.dropout(a, self.p, self.training))  # (B, Tq, H)
         h = self.fc2(F.gelu(self.fc1(x)))  # (B, Tq, H); exact erf GELU, as in the paper's code
-        return self.ln2(x + dropout(h, self.p, self.training))  # (B, Tq, H)
+        return self.ln2(x + F.dropout(h, self.p, self.training))  # (B, Tq, H)
 
 class BERT(nn.Module):
     def __init__(self, cfg):
@@ -304,7 +300,7 @@ class BERT(nn.Module):
         """The encoder alone, for a head of your own: ids, seg (B, T) -> hidden states, pooled [CLS] (no MLM logits)."""
         mask = (ids != PAD)[:, None, None, :]  # (B, 1, 1, T) the keys a query may attend to
         x = self.tok_emb(ids) + self.pos_emb.weight[: ids.size(1)] + self.seg_emb(seg)  # (B, T, H)
-        x = dropout(self.emb_ln(x), self.p, self.training)  # (B, T, H)
+        x = F.dropout(self.emb_ln(x), self.p, self.training)  # (B, T, H)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, idx if i == len(self.layers) - 1 else None)  # (B, T or Tq, H)
         return x, torch.tanh(self.pool(x[:, 0]))  # the last layer's (B, T, H), or (B, Tq, H) at idx; (B, H)
@@ -318,22 +314,7 @@ class Classifier(nn.Module):
         BERT._init(self.classifier)
 
     def forward(self, ids, seg):  # ids, seg (B, T) -> logits (B, n_labels)
-        return self.classifier(dropout(self.bert.encode(ids, seg)[1], self.p, self.training))
-
-def dropout(x, p, training):
-    """F.dropout; on the CPU, where torch draws a number per element (dearer than the matmuls), each 64-bit draw gives
-    four 15-bit ones (P(keep) = 1 - p to within 2^-15): mini, 2 cores, ~930 ms a step, not ~1,070 (with attention())."""
-    if not training or p == 0 or x.device.type != "cpu":  # a GPU uses torch's own
-        return F.dropout(x, p, training)
-    bits = torch.randint(0, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)[: x.numel()]
-    return torch.where((bits & 0x7FFF).view(x.shape) >= round(p * 32768), x / (1 - p), 0.0)
-
-def attention(q, k, v, mask, p):
-    """softmax(q k^T / sqrt(hs)) v over the keys that mask allows, dropout p on the weights."""
-    if p == 0 or q.device.type != "cpu":  # torch's fused kernel; on the CPU with dropout, written out to use dropout()
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, Tq, hs)
-    att = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).masked_fill(~mask, float("-inf"))  # (B, nh, Tq, T)
-    return dropout(att.softmax(-1), p, True) @ v  # (B, nh, Tq, hs)
+        return self.classifier(F.dropout(self.bert.encode(ids, seg)[1], self.p, self.training))
 
 # ----------------------------------------------------------------------------- training
 
@@ -521,20 +502,12 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pa
 # ----------------------------------------------------------------------------- demo
 
 @torch.no_grad()
-def fill_mask(model, tok, text, max_len, top_k=5):
-    """-> the top_k (word, probability) guesses for each [MASK] in text, and how many windows of max_len tokens."""
-    model.eval()  # no dropout
-    body, W = tok.encode(text, add_special_tokens=False).ids, max_len - 2  # W: text tokens per window
-    masks, guesses, windows = [i for i, t in enumerate(body) if t == MASK], [], 0
-    while len(guesses) < len(masks):
-        start = max(0, min(masks[len(guesses)] - W // 4, len(body) - W))  # some context before the mask
-        x = torch.tensor([[CLS] + body[start : start + W] + [SEP]], device=model.tok_emb.weight.device)  # (1, T)
-        probs = model(x, torch.zeros_like(x))[0][0, 1:-1].float().softmax(-1)  # (T - 2, V)
-        for m in [m for m in masks[len(guesses) :] if m < start + W]:
-            top = probs[m - start].topk(min(top_k, probs.size(-1)))
-            guesses.append([(tok.id_to_token(i), p) for p, i in zip(top.values.tolist(), top.indices.tolist())])
-        windows += 1  # one around each [MASK] the windows before it missed, so every [MASK] is answered
-    return guesses, windows
+def fill_mask(model, tok, text, top_k=5):
+    """-> the top_k (word, probability) guesses for each [MASK] in text, read whole as [CLS] text [SEP]."""
+    x = torch.tensor([tok.encode(text).ids], device=model.tok_emb.weight.device)  # (1, T)
+    probs = model.eval()(x, torch.zeros_like(x))[0][0].float().softmax(-1)  # (T, V); eval(): no dropout
+    top = probs[x[0] == MASK].topk(min(top_k, probs.size(-1)))  # (masks, top_k)
+    return [[(tok.id_to_token(i), p) for p, i in zip(*t)] for t in zip(top.values.tolist(), top.indices.tolist())]
 
 # ----------------------------------------------------------------------------- evaluation, checkpoints, Ctrl-C
 
@@ -1133,10 +1106,9 @@ def cmd_demo(args):
     text = re.sub(r"\[mask\]", "[MASK]", " ".join(args.text), flags=re.IGNORECASE)  # [mask] is meant too
     if "[MASK]" not in text:
         die('the text has no [MASK]; try: python minibert.py demo "the [MASK] sat on the mat ."')
-    guesses, windows = fill_mask(model, tok, text, cfg.max_len, args.top_k)
-    if windows > 1:
-        print(f"note: the text is longer than the model's {cfg.max_len} tokens: it was read in {windows} windows, "
-              "each around a [MASK]", file=sys.stderr)
+    if (n := len(tok.encode(text).ids)) > cfg.max_len:
+        die(f"the text is {n} tokens, more than the model's {cfg.max_len}; shorten it around its [MASK]s")
+    guesses = fill_mask(model, tok, text, args.top_k)
     for i, g in enumerate(guesses):
         print(f"[MASK] {i + 1}: " + "  ".join(f"{w} {p:.3g}" for w, p in g))
 
@@ -1230,9 +1202,7 @@ def main(argv=None):
         q.add_argument("--ckpt", default="out", metavar="DIR", help="checkpoint folder (default out)")
     for q in (d, e):
         q.add_argument("--device", choices=DEVICES, default="auto")
-    args, unknown = p.parse_known_args(argv)
-    if unknown:  # said by the command's own parser, whose --help lists its flags
-        (sub.choices[args.cmd] if args.cmd else p).error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = p.parse_args(argv)
     if args.cmd is None:
         p.exit(2, p.format_help())  # (on stderr)
     for name in ("top_k", "steps"):
