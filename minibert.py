@@ -12,8 +12,7 @@ modelling (MLM) and next-sentence prediction (NSP). Weight for weight, transform
 Left out on purpose: a Trainer with callbacks, output objects, head pruning, cross-attention, key/value caches,
 whole-word masking, the 512-token second phase (a separate --max_len 512 run), heads beyond a classifier (use `export`).
 
-References: Devlin et al. 2018, "BERT" (arXiv:1810.04805); Turc et al. 2019, "Well-Read Students Learn Better" (the size
-presets); google-research/bert, create_pretraining_data.py."""
+References: Devlin et al. 2018, "BERT" (arXiv:1810.04805); Turc et al. 2019 (the size presets); google-research/bert."""
 
 import argparse
 import bisect
@@ -107,8 +106,7 @@ def wordpiece(vocab=None):
 
 def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
     """WordPiece from <= 200k sampled sentences: WikiText-2 x 10 (21M words) in 6.5 s, not 24 s, 96 % the same."""
-    sentences = list(sentences)
-    sentences = random.Random(0).sample(sentences, max_sentences) if len(sentences) > max_sentences else sentences
+    sentences = random.Random(0).sample(s := list(sentences), min(len(s), max_sentences))  # (all of them, shuffled)
     tok, bar = wordpiece(), sys.stderr.isatty()  # the trainer's progress bar: on a terminal only (else: blank lines)
     tok.train_from_iterator(sentences, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                                                  show_progress=bar))
@@ -213,8 +211,7 @@ def collate(tokens, pairs, T):
     a0, la, b0, lb, nsp = (c[:, None] for c in pairs.unbind(1))  # (B, 1) each
     t = torch.arange(T, device=pairs.device)  # (T,) position: 0 [CLS] | 1..la A | la+1 [SEP] | la+2..la+lb+1 B | [SEP]
     in_a, in_b = (t >= 1) & (t <= la), (t >= la + 2) & (t < la + lb + 2)  # (B, T)
-    src = torch.where(in_a, a0 + t - 1, b0 + t - la - 2)  # (B, T) where each token is in the corpus
-    src = src.clamp(0, len(tokens) - 1)  # (positions outside A and B point anywhere: they become specials)
+    src = torch.where(in_a, a0 + t - 1, b0 + t - la - 2).clamp(0, len(tokens) - 1)  # (B, T) its place in the corpus
     x = torch.where(in_a | in_b, tokens[src].long(), PAD)  # (B, T), gathered on the device: a GPU makes its batches
     x = torch.where((t == la + 1) | (t == la + lb + 2), SEP, torch.where(t == 0, CLS, x))
     seg = ((t >= la + 2) & (t <= la + lb + 2)).long()  # (B, T) 0 for [CLS] A [SEP], 1 for B [SEP]
@@ -324,29 +321,12 @@ def lr_at(step, total, cfg):
     return cfg.lr * min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
 
 def make_optimizer(model, cfg):
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # weight matrices and embeddings
-    other = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorm gains
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},  # matrices
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # biases, LayerNorms
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6, fused=True)  # honours found_inf
 
 def autocast(device):  # bf16 on CUDA; the CPU stays in fp32 (its bf16 matmuls are far slower)
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-class CrossEntropySum(torch.autograd.Function):
-    """F.cross_entropy(logits, target, reduction="sum") ignoring -100, with a cheaper backward: no (M, V) zero-filled
-    gradient to scatter into. Measured, 2 cores, batch 32 (M, V = 608, 16384): tiny's step 307 -> 235 ms, mini's 3 %."""
-    @staticmethod
-    def forward(ctx, logits, target):
-        logp, used, t = logits.log_softmax(-1), target != -100, target.clamp(min=0)  # (M, V), (M,), (M,)
-        ctx.save_for_backward(logp, used, t)
-        return -(logp.gather(1, t[:, None])[:, 0] * used).sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        logp, used, t = ctx.saved_tensors
-        d = logp.exp_()  # (M, V) softmax, in place
-        d[torch.arange(len(d), device=d.device), t] -= 1  # minus the one-hot target
-        return d.mul_((used * grad)[:, None]), None
 
 def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
     """The paper's objective, MLM + NSP cross-entropy, as sums over the whole batch's counts (n_mlm masked tokens, n_seq
@@ -354,7 +334,7 @@ def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
     acc) detached. Known-good: at step 0 the loss is ln V + ln 2 (9.70 + 0.69 at V = 16384, tested)."""
     with autocast(ids.device):  # no host sync, no data-dependent shape below: it compiles whole
         mlm_logits, nsp_logits = model(ids, seg, pos)  # (B, P, V), (B, 2)
-    mlm = CrossEntropySum.apply(mlm_logits.flatten(0, 1).float(), labels.flatten()) / n_mlm
+    mlm = F.cross_entropy(mlm_logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / n_mlm  # -100 ignored
     nsp_loss = F.cross_entropy(nsp_logits.float(), nsp, reduction="sum") / n_seq
     mlm_acc = (mlm_logits.argmax(-1) == labels).sum() / n_mlm  # an unused slot's label, -100, never matches
     nsp_acc = (nsp_logits.argmax(-1) == nsp).sum() / n_seq
@@ -424,7 +404,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pa
         f"{f'{cfg.budget:g} minutes of training' if cfg.budget else f'{total} steps'}{f', from {step}' * (step > 0)}")
     sums = torch.zeros(5, device=device)  # the steps' stats, summed over a log interval, on the device
     skipped, in_a_row, worst = (torch.zeros((), device=device) for _ in range(3))  # non-finite steps
-    first, pairs, n_steps, t_data, t0 = step, None, 0, 0.0, time.time()
+    pairs, n_steps, t_data, t0 = None, 0, 0.0, time.time()
     clock0 = t0 - trained  # trained = the time since clock0, which moves on by each pause to evaluate and save
     with stop_request() as stopped:  # Ctrl-C, or stop_at (for tests): stop after that step
         while step < total and trained < budget:
@@ -442,8 +422,6 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pa
             sums += torch.where(bad > 0, 0.0, stats)  # a skipped step's stats are not finite
             skipped, in_a_row = skipped + bad, (in_a_row + 1) * bad  # in_a_row: back to 0 after a good step
             worst = torch.maximum(worst, in_a_row)
-            if cfg.compile and step == first + 1:
-                say(f"compile: {time.time() - t0:.1f} s (the first step)")
             last_step, log_now = step == total or trained >= budget, step % cfg.log_every == 0
             stop = (stopped[0] or step == stop_at) and (world == 1 or log_now)  # torchrun: it waits for a log step
             if world > 1 and log_now:  # the ranks must stop at the same step: they agree on it at log steps
@@ -1029,7 +1007,8 @@ def writable(out):
         die(f"cannot write to --out {out} ({e.strerror}); pick another folder with --out")
     return lock
 
-CPU_BUDGET = 15  # minutes: ~3,500 steps of tiny on 2 cores, held-out MLM accuracy 0.144, NSP 0.72 (README)
+# A new run on one CPU (each flag unless one of its group is given): the best of the README's table, measured on 2 cores
+CPU_RECIPE = {"preset": ("tiny", ["layers", "hidden"]), "budget": (15, ["epochs", "max_steps"]), "dropout": (0.0, [])}
 
 def cmd_train(args):
     if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs
@@ -1045,12 +1024,11 @@ def cmd_train(args):
     elif os.path.exists(os.path.join(out, "model.pt")):
         die(f"{out}/ already holds a checkpoint; continue it with --resume, or pick a new folder with --out")
     if not saved and world == 1 and resolve_device(args.device or "auto") == "cpu":  # the CPU's own default recipe
-        size, length = (all(getattr(args, k) is None for k in ks) for ks in (("preset", "layers", "hidden"),
-                                                                             ("epochs", "max_steps", "budget")))
-        args.preset, args.budget = "tiny" if size else args.preset, CPU_BUDGET if length else args.budget
-        if size or length:
-            print(f"recipe: on a CPU, {'--preset tiny ' * size}{f'--budget {CPU_BUDGET} ' * length}(mini's 40 epochs "
-                  "would take a day here; the README's table); --preset, --epochs, --max_steps, --budget say otherwise")
+        chosen = {k: v for k, (v, more) in CPU_RECIPE.items() if all(getattr(args, f) is None for f in [k, *more])}
+        vars(args).update(chosen)
+        if chosen:
+            print(f"recipe: on a CPU, {' '.join(f'--{k} {v}' for k, v in chosen.items())} (the README's table; mini's "
+                  "40 epochs would take a day here); your own flags win")
     cfg = build_config(args, saved and dataclasses.replace(saved, device="auto"), world)  # the device: this machine's
     for name in "layers hidden heads ffn vocab_size max_position max_len seed val_share short_seq_prob".split():
         if saved and getattr(cfg, name) != getattr(saved, name):  # the weights' shape, and the pairs
@@ -1071,7 +1049,6 @@ def cmd_train(args):
             dist.broadcast_object_list(tok, 0)
         tok = Tokenizer.from_str(tok[0])
     cfg = dataclasses.replace(cfg, vocab_size=tok.get_vocab_size())  # (a resumed run's: the same)
-    t_tok = time.time() - t0
     # (rank 0 writes the cache, and only for a new run: a resume with other text must not leave one in the run's folder)
     corpus, cached, digest = cached_corpus(tok, train_docs + val_docs, cfg.out, save=rank == 0 and resume is None)
     if resume and resume.get("data_hash", digest) != digest:
@@ -1082,7 +1059,7 @@ def cmd_train(args):
     pairs0 = pairs_or_die(corpus, range(n), cfg, cfg.seed)  # A and IsNext's B: distinct tokens, in place
     cover = float(pairs0[:, 1].sum() + pairs0[:, 3][pairs0[:, 4] == 0].sum()) / int(corpus.sents[corpus.docs[n]])
     if rank == 0:
-        print(f"data: {time.time() - t0:.1f} s (reading and tokenizer {t_tok:.1f} s{', corpus cached' * cached}) | "
+        print(f"data: {time.time() - t0:.1f} s {', corpus cached' * cached} | "
               f"{n} documents{note} and {len(val_docs)} held out, {len(corpus.ids):,} tokens in all, an epoch's "
               f"pairs use {cover:.0%} of the training tokens, {len(val_pairs)} pairs held out | vocabulary "
               f"{tok.get_vocab_size()}\nconfig: {json.dumps(dataclasses.asdict(cfg))}")
@@ -1160,7 +1137,7 @@ def cmd_finetune(args):
 
 def cmd_bench(args):
     r = bench(build_config(args), args.steps)
-    print(json.dumps(r) if args.json else f"{r['device']}: {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} "
+    print(f"{r['device']}: {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} "
           f"tokens/s | MFU {100 * r['mfu']:.1f}% ({r['peak_note']}) | batch {r['batch_size']} x {r['max_len']} | "
           f"warm-up {r['warmup_s']:.1f} s")
 
@@ -1187,8 +1164,7 @@ def main(argv=None):
     d.add_argument("text", nargs="+", help="a text with [MASK]s; for a classifier, a text or two (a pair)")
     d.add_argument("--top_k", type=int, default=5, help="guesses per [MASK] (default 5)")
     x.add_argument("--to", required=True, metavar="DIR")
-    for q in (b, e):
-        q.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_flags(f, "lr epochs batch_size dropout warmup beta2 weight_decay grad_clip grad_accum val_share seed "
                      "log_every max_len device out", {**FINETUNE, "lr": "the preset's: " + ", ".join(
                          f"{k} {v[3]:g}" for k, v in PRESETS.items()), "out": "finetuned"})

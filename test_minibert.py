@@ -1173,17 +1173,21 @@ def test_budget_schedule_follows_the_clock_and_resumes(tmp_path, tok, docs, monk
 
 
 def test_cpu_default_recipe(tmp_path, monkeypatch, capsys):
-    """A new run on a CPU is tiny unless a size is given, and CPU_BUDGET minutes long unless a length is given."""
+    """A new run on a CPU is tiny unless a size is given, CPU_RECIPE's minutes long unless a length is given, and
+    without dropout unless --dropout is given."""
     (tmp_path / "c.txt").write_text(make_corpus())
     runs = []
     monkeypatch.setattr(mb, "train", lambda cfg, *a, **k: runs.append(cfg))
     monkeypatch.setattr(mb, "train_tokenizer", lambda s, v, small=mb.train_tokenizer: small(s, 120))
-    for i, extra in enumerate(([], ["--epochs", "2"], ["--preset", "mini"], ["--preset", "mini", "--max_steps", "9"])):
+    for i, extra in enumerate(([], ["--epochs", "2"], ["--preset", "mini"], ["--preset", "mini", "--max_steps", "9"],
+                               ["--dropout", "0.1"])):
         mb.main(["train", "--data", str(tmp_path / "c.txt"), "--device", "cpu", "--out", str(tmp_path / str(i)), *extra])
-    assert (runs[0].hidden, runs[0].budget, runs[0].lr) == (128, mb.CPU_BUDGET, mb.PRESETS["tiny"][2])
-    assert "recipe: on a CPU, --preset tiny --budget 15 (" in capsys.readouterr().out
+    budget, dropout = mb.CPU_RECIPE["budget"][0], mb.CPU_RECIPE["dropout"][0]
+    assert (runs[0].hidden, runs[0].budget, runs[0].lr, runs[0].dropout) == (128, budget, mb.PRESETS["tiny"][2], dropout)
+    assert f"recipe: on a CPU, --preset tiny --budget {budget} --dropout {dropout} (" in capsys.readouterr().out
     assert (runs[1].hidden, runs[1].budget, runs[1].epochs) == (128, 0, 2)  # a length alone: still tiny
-    assert (runs[2].hidden, runs[2].budget) == (256, mb.CPU_BUDGET) and (runs[3].hidden, runs[3].budget) == (256, 0)
+    assert (runs[4].hidden, runs[4].budget, runs[4].dropout) == (128, budget, 0.1)
+    assert (runs[2].hidden, runs[2].budget) == (256, budget) and (runs[3].hidden, runs[3].budget) == (256, 0)
 
 
 def test_tokenizer_from_each_source_is_the_same(tmp_path, tok):
@@ -1256,14 +1260,3 @@ def test_export_of_a_classifier_gives_transformers_the_same_logits(tmp_path, tok
     with torch.no_grad():
         ref = hf.eval()(input_ids=ids, token_type_ids=seg, attention_mask=(ids != PAD).long()).logits
         assert (ref - model(ids, seg)).abs().max() < 1e-4
-
-
-def test_cross_entropy_sum_matches_torch():
-    torch.manual_seed(0)
-    logits, target = torch.randn(11, 99, requires_grad=True), torch.randint(0, 99, (11,))
-    target[[2, 7]] = -100  # ignored, as unused prediction slots are
-    ref = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
-    (g_ref,) = torch.autograd.grad(3 * ref, logits)
-    ours = mb.CrossEntropySum.apply(logits, target)
-    (g,) = torch.autograd.grad(3 * ours, logits)
-    assert torch.allclose(ours, ref, atol=1e-5) and torch.allclose(g, g_ref, atol=1e-6)
