@@ -1008,7 +1008,7 @@ def writable(out):
     return lock
 
 # A new run on one CPU (each flag unless one of its group is given): the best of the README's table, measured on 2 cores
-CPU_RECIPE = {"preset": ("tiny", ["layers", "hidden"]), "budget": (15, ["epochs", "max_steps"]), "dropout": (0.0, [])}
+CPU_RECIPE = {"preset": ("tiny", ["layers", "hidden"]), "budget": (15, ["epochs", "max_steps"])}
 
 def cmd_train(args):
     if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs

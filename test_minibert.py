@@ -1173,20 +1173,17 @@ def test_budget_schedule_follows_the_clock_and_resumes(tmp_path, tok, docs, monk
 
 
 def test_cpu_default_recipe(tmp_path, monkeypatch, capsys):
-    """A new run on a CPU is tiny unless a size is given, CPU_RECIPE's minutes long unless a length is given, and
-    without dropout unless --dropout is given."""
+    """A new run on a CPU is tiny unless a size is given, and CPU_RECIPE's minutes long unless a length is given."""
     (tmp_path / "c.txt").write_text(make_corpus())
     runs = []
     monkeypatch.setattr(mb, "train", lambda cfg, *a, **k: runs.append(cfg))
     monkeypatch.setattr(mb, "train_tokenizer", lambda s, v, small=mb.train_tokenizer: small(s, 120))
-    for i, extra in enumerate(([], ["--epochs", "2"], ["--preset", "mini"], ["--preset", "mini", "--max_steps", "9"],
-                               ["--dropout", "0.1"])):
+    for i, extra in enumerate(([], ["--epochs", "2"], ["--preset", "mini"], ["--preset", "mini", "--max_steps", "9"])):
         mb.main(["train", "--data", str(tmp_path / "c.txt"), "--device", "cpu", "--out", str(tmp_path / str(i)), *extra])
-    budget, dropout = mb.CPU_RECIPE["budget"][0], mb.CPU_RECIPE["dropout"][0]
-    assert (runs[0].hidden, runs[0].budget, runs[0].lr, runs[0].dropout) == (128, budget, mb.PRESETS["tiny"][2], dropout)
-    assert f"recipe: on a CPU, --preset tiny --budget {budget} --dropout {dropout} (" in capsys.readouterr().out
+    budget = mb.CPU_RECIPE["budget"][0]
+    assert (runs[0].hidden, runs[0].budget, runs[0].lr) == (128, budget, mb.PRESETS["tiny"][2])
+    assert f"recipe: on a CPU, --preset tiny --budget {budget} (" in capsys.readouterr().out
     assert (runs[1].hidden, runs[1].budget, runs[1].epochs) == (128, 0, 2)  # a length alone: still tiny
-    assert (runs[4].hidden, runs[4].budget, runs[4].dropout) == (128, budget, 0.1)
     assert (runs[2].hidden, runs[2].budget) == (256, budget) and (runs[3].hidden, runs[3].budget) == (256, 0)
 
 
