@@ -1059,7 +1059,7 @@ def cmd_train(args):
     pairs0 = pairs_or_die(corpus, range(n), cfg, cfg.seed)  # A and IsNext's B: distinct tokens, in place
     cover = float(pairs0[:, 1].sum() + pairs0[:, 3][pairs0[:, 4] == 0].sum()) / int(corpus.sents[corpus.docs[n]])
     if rank == 0:
-        print(f"data: {time.time() - t0:.1f} s {', corpus cached' * cached} | "
+        print(f"data: {time.time() - t0:.1f} s{' (corpus cached)' * cached} | "
               f"{n} documents{note} and {len(val_docs)} held out, {len(corpus.ids):,} tokens in all, an epoch's "
               f"pairs use {cover:.0%} of the training tokens, {len(val_pairs)} pairs held out | vocabulary "
               f"{tok.get_vocab_size()}\nconfig: {json.dumps(dataclasses.asdict(cfg))}")
