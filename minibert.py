@@ -524,8 +524,7 @@ def health_warning(history, m):
                 "is diverging; start again with a lower --lr")
 
 def save_checkpoint(path, state, kept=None):
-    """Atomic: write a temporary file (this process's), then rename it over the old one. A write that fails (a full
-    disk) leaves the old file, and given kept (what that leaves, in words) ends in one line."""
+    """Atomic: a temp file renamed over the old one. A failed write (full disk) keeps the old; with kept: one line."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -1008,7 +1007,8 @@ def writable(out):
     return lock
 
 # A new run on one CPU (each flag unless one of its group is given): the best of the README's table, measured on 2 cores
-CPU_RECIPE = {"preset": ("tiny", ["layers", "hidden"]), "budget": (15, ["epochs", "max_steps"])}
+CPU_RECIPE = {"preset": ("tiny", ["layers", "hidden"]), "budget": (15, ["epochs", "max_steps"]), "max_len": (64, []),
+              "batch_size": (64, ["max_len"]), "dropout": (0.0, [])}
 
 def cmd_train(args):
     if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs

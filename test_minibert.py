@@ -1173,17 +1173,22 @@ def test_budget_schedule_follows_the_clock_and_resumes(tmp_path, tok, docs, monk
 
 
 def test_cpu_default_recipe(tmp_path, monkeypatch, capsys):
-    """A new run on a CPU is tiny unless a size is given, and CPU_RECIPE's minutes long unless a length is given."""
+    """A new run on a CPU is tiny unless a size is given, CPU_RECIPE's minutes long unless a length is given, and
+    64 tokens by 64 sequences (unless --max_len is given) without dropout (unless --dropout is)."""
     (tmp_path / "c.txt").write_text(make_corpus())
     runs = []
     monkeypatch.setattr(mb, "train", lambda cfg, *a, **k: runs.append(cfg))
     monkeypatch.setattr(mb, "train_tokenizer", lambda s, v, small=mb.train_tokenizer: small(s, 120))
-    for i, extra in enumerate(([], ["--epochs", "2"], ["--preset", "mini"], ["--preset", "mini", "--max_steps", "9"])):
+    for i, extra in enumerate(([], ["--epochs", "2"], ["--preset", "mini"], ["--preset", "mini", "--max_steps", "9"],
+                               ["--max_len", "128", "--dropout", "0.1"])):
         mb.main(["train", "--data", str(tmp_path / "c.txt"), "--device", "cpu", "--out", str(tmp_path / str(i)), *extra])
     budget = mb.CPU_RECIPE["budget"][0]
     assert (runs[0].hidden, runs[0].budget, runs[0].lr) == (128, budget, mb.PRESETS["tiny"][2])
-    assert f"recipe: on a CPU, --preset tiny --budget {budget} (" in capsys.readouterr().out
+    assert (runs[0].max_len, runs[0].batch_size, runs[0].dropout) == (64, 64, 0.0)
+    assert f"recipe: on a CPU, --preset tiny --budget {budget} --max_len 64 --batch_size 64 --dropout 0.0 (" in \
+        capsys.readouterr().out
     assert (runs[1].hidden, runs[1].budget, runs[1].epochs) == (128, 0, 2)  # a length alone: still tiny
+    assert (runs[4].max_len, runs[4].batch_size, runs[4].dropout, runs[4].budget) == (128, 32, 0.1, budget)
     assert (runs[2].hidden, runs[2].budget) == (256, budget) and (runs[3].hidden, runs[3].budget) == (256, 0)
 
 
