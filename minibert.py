@@ -884,7 +884,7 @@ def bench(cfg, steps=20, warmup=5):
     else:
         a = torch.randn(1024, 1024)
         peak = 2 * 1024**3 / min(timeit.repeat(lambda: a @ a, number=1, repeat=20))  # the best of 20
-        note = f"CPU, {torch.get_num_threads()} threads, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+        note = f"CPU, {torch.get_num_threads()} thread(s), measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
     dt, flops = times[1] / steps, train_flops(cfg, B, T, pos.size(1))
     return {"device": str(device), "peak_note": note, "batch_size": B, "max_len": T, "ms_per_step": 1e3 * dt,
             "tokens_per_s": B * T / dt, "tflops_per_step": flops / 1e12, "mfu": flops / dt / peak, "warmup_s": times[0]}

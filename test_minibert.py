@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -633,9 +634,9 @@ def test_nan_evaluation_warns_and_is_not_saved(tmp_path, tok, docs, monkeypatch,
 # ---------------------------------------------------------------------------- the command line, as subprocesses
 
 
-def run(*args, cwd=HERE, env=None):
+def run(*args, cwd=None, env=None):  # in an empty folder: a user's out/ in the project changes nothing
     return subprocess.run([sys.executable, os.path.join(HERE, "minibert.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
+                          cwd=cwd or tempfile.mkdtemp(), env=env, timeout=120)
 
 
 FORK_SERVER = r"""
@@ -677,7 +678,7 @@ def run_many(cases, env):
     case_dir = env["CASE_DIR"] = os.path.join(os.path.dirname(cases["demo"][-1]), "cases")
     os.makedirs(case_dir, exist_ok=True)
     server = subprocess.run([sys.executable, "-c", FORK_SERVER, os.path.join(HERE, "minibert.py")], input=json.dumps(cases),
-                            capture_output=True, text=True, env=env, timeout=300)
+                            capture_output=True, text=True, env=env, timeout=300, cwd=case_dir)  # (default --out: here)
     assert server.returncode == 0, server.stderr
     codes = json.loads(server.stdout)
     read = lambda k, ext: open(os.path.join(case_dir, k + ext), encoding="utf-8").read()
@@ -689,7 +690,7 @@ def cli(tmp_path_factory):
     """Train a tiny checkpoint through the CLI, then run every other command at once (each process
     pays ~2 s to import torch; in parallel they fit the test budget)."""
     d = tmp_path_factory.mktemp("cli")
-    cpu = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU on every machine: the same runs, and no ~50 CUDA
+    cpu = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # the CPU, one thread each (~50 at once); no ~50 CUDA
     # contexts at once on a small GPU (CUDA is tested in-process, below and in test_overfit_one_batch_cuda)
     corpus = d / "corpus.txt"
     corpus.write_text(make_corpus())
@@ -1008,9 +1009,10 @@ def test_cli_non_finite_message_tells_the_truth(cli):
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_interrupt_while_loading_data_exits_130(monkeypatch, capsys, sig):
+def test_interrupt_while_loading_data_exits_130(monkeypatch, capsys, sig, tmp_path):
     """Ctrl-C or SIGTERM outside the loop: KeyboardInterrupt, so a file being written (the corpus cache) is removed
     (test_interrupted_write_keeps_previous_checkpoint), and exit status 130."""
+    monkeypatch.chdir(tmp_path)  # (the default --out, out/, is made here, not in the project)
     monkeypatch.setattr(mb, "read_corpus", lambda paths: os.kill(os.getpid(), getattr(signal, sig)))
     try:
         with pytest.raises(SystemExit) as e:
