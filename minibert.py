@@ -10,7 +10,7 @@ modelling (MLM) and next-sentence prediction (NSP). Weight for weight, transform
     torchrun --nproc_per_node 4 minibert.py train     # several GPUs: DistributedDataParallel
 
 Left out on purpose: a Trainer with callbacks, output objects, head pruning, cross-attention, key/value caches,
-whole-word masking, the 512-token second phase (a separate --max_len 512 run), heads beyond a classifier (use `export`).
+whole-word masking, heads beyond a classifier (use `export`). The paper's two lengths, 128 then 512: --short_share.
 
 References: Devlin et al. 2018, "BERT" (arXiv:1810.04805); Turc et al. 2019 (the size presets); google-research/bert."""
 
@@ -57,10 +57,12 @@ class Config:  # each field's comment is also its flag's --help (add_config_flag
     vocab_size: int = 16384  # WordPiece vocabulary V, in tokens (a small corpus may give fewer)
     max_position: int = 512  # learned position embeddings, in tokens
     dropout: float = 0.1  # on the embeddings, the attention probabilities and each residual branch
+    init_std: float = 0.02  # std of the initial weights (BERT's initializer_range; tiny on a CPU: 0.06, README)
     dataset: str = "Salesforce/wikitext"  # Hugging Face hub dataset with a text column, if no --data
     dataset_config: str = "wikitext-2-raw-v1"  # its configuration; wikitext-103-raw-v1 has 50x the text
     max_len: int = 128  # tokens per training sequence, [CLS] and both [SEP] included
     short_seq_prob: float = 0.1  # share of pairs built to a random shorter length, as in the paper's code
+    short_share: float = 0.0  # share of the run (steps or --budget) on half as long sequences, twice as many a batch
     mask_prob: float = 0.15  # share of the real tokens of each sequence chosen for MLM
     val_share: float = 0.1  # share of the documents held out for evaluation, if there is no validation split
     batch_size: int = 32  # sequences per optimizer step, over all GPUs and micro-batches
@@ -121,8 +123,7 @@ class Corpus(NamedTuple):  # three flat arrays: 21M words take ~100 MB, not ~3 G
     sents: torch.Tensor  # (S + 1,) int64: sentence s is ids[sents[s] : sents[s + 1]]
     docs: torch.Tensor  # (D + 1,) int64: document d is sentences docs[d] .. docs[d + 1] - 1
 
-# str.split() breaks words at these, BERT's tokenizer doesn't: a sentence with one is tokenized whole, not per word
-ODD_SPACE = re.compile("[\x0b\x0c\x1c-\x1f\x85\u2028\u2029]")
+ODD_SPACE = re.compile("[\x0b\x0c\x1c-\x1f\x85\u2028\u2029]")  # split() breaks words at these, BERT doesn't
 
 def encode_corpus(tok, docs):
     """Documents -> Corpus, empty sentences dropped (a document left empty keeps its index)."""
@@ -202,9 +203,10 @@ def truncate_pair(a0, a1, b0, b1, max_tokens, rng):
 def epoch_pairs(corpus, docs, cfg, epoch, n, pairs0):
     """New pairs each epoch, in a new order, as the paper's code makes 10 differently paired copies (fixed pairs let NSP
     memorise a small corpus); a function of (seed, epoch), as a resume needs. -> (n, 5), repeated or cut to n."""
-    pairs = pairs0 if epoch == 0 else make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
-    return pairs[order.repeat(1 + n // len(pairs))[:n]]  # (n, 5)
+    if epoch or pairs0 is None:  # pairs0: epoch 0's, if made
+        pairs0 = make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob)
+    order = torch.randperm(len(pairs0), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
+    return pairs0[order.repeat(1 + n // len(pairs0))[:n]]  # (n, 5)
 
 def collate(tokens, pairs, T):
     """Pairs (B, 5) -> token ids and segment ids (B, T): [CLS] A [SEP] B [SEP] [PAD]..., from tokens (corpus.ids)."""
@@ -274,14 +276,14 @@ class BERT(nn.Module):
         self.nsp_head = nn.Linear(cfg.hidden, 2)  # IsNext / NotNext
         self.mlm_dense, self.mlm_ln = nn.Linear(cfg.hidden, cfg.hidden), nn.LayerNorm(cfg.hidden, eps=1e-12)
         self.decoder = nn.Linear(cfg.hidden, cfg.vocab_size)  # with its own bias, but ...
-        self.apply(self._init)
+        self.apply(lambda m: self._init(m, cfg.init_std))
         self.decoder.weight = self.tok_emb.weight  # ... tied: a word's input and output vector are one (V x H fewer)
         self.p = cfg.dropout
 
     @staticmethod
-    def _init(m):
+    def _init(m, std):
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)  # small: the first predictions are near uniform
+            nn.init.normal_(m.weight, std=std)  # small: the first predictions are near uniform (test)
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
 
@@ -308,7 +310,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.bert, self.p = BERT(cfg), cfg.dropout
         self.classifier = nn.Linear(cfg.hidden, n_labels)  # the one new layer, on the pooled [CLS]; all weights train
-        BERT._init(self.classifier)
+        BERT._init(self.classifier, cfg.init_std)
 
     def forward(self, ids, seg):  # ids, seg (B, T) -> logits (B, n_labels)
         return self.classifier(F.dropout(self.bert.encode(ids, seg)[1], self.p, self.training))
@@ -366,6 +368,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pa
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     say = print if rank == 0 else (lambda *a, **k: None)  # torchrun: rank 0 alone prints, evaluates and saves
     device, B, T = torch.device(cfg.device), cfg.batch_size, cfg.max_len
+    half = dataclasses.replace(cfg, max_len=T // 2, batch_size=2 * B)  # short_share's sequences, as many tokens a step
     torch.manual_seed(cfg.seed)
     raw = BERT(cfg).to(device)  # the same initial weights on every rank
     model = nn.parallel.DistributedDataParallel(raw) if world > 1 else raw
@@ -410,9 +413,11 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pa
         while step < total and trained < budget:
             # the batch: B of this epoch's pairs, as token ids, then masked; all on the device
             t, (epoch, i) = time.time(), divmod(step, steps_per_epoch)
-            if i == 0 or pairs is None:  # new pairs each epoch (epoch 0's were made above)
-                pairs = epoch_pairs(corpus, train_docs, cfg, epoch, steps_per_epoch * B, pairs0).to(device)
-            x, seg, nsp = collate(tokens, pairs[i * B : (i + 1) * B], T)  # (B, T), (B, T), (B,)
+            c = half if (trained < cfg.short_share * budget if cfg.budget else step < cfg.short_share * total) else cfg
+            if i == 0 or pairs is None or c.max_len != pairs_len:  # new pairs each epoch (epoch 0's were made above)
+                pairs, pairs_len = epoch_pairs(corpus, train_docs, c, epoch, steps_per_epoch * c.batch_size,
+                                               pairs0 if c is cfg else None).to(device), c.max_len
+            x, seg, nsp = collate(tokens, pairs[i * c.batch_size : (i + 1) * c.batch_size], c.max_len)  # (B, T) ...
             x, pos, labels = mask_tokens(x, cfg.vocab_size, gen, cfg.mask_prob)  # (B, T), (B, P), (B, P)
             t_data += time.time() - t
             # the step: learning rate, forward, backward, clip, AdamW (train_step)
@@ -529,8 +534,7 @@ def save_checkpoint(path, state, kept=None):
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+            f.flush(), os.fsync(f.fileno())
         os.replace(tmp, path)  # a kill at any instant leaves the old checkpoint or the new, never half of one
     except BaseException as e:
         with suppress(OSError):
@@ -666,10 +670,8 @@ def read_corpus(paths):
 def load_hub(cfg):
     """A Hugging Face hub dataset -> {"train": documents, and "validation" if it has one}, read as a --data file."""
     try:
-        import datasets
-        import huggingface_hub
-        datasets.logging.set_verbosity_error()  # no retry-by-retry log when the hub is unreachable
-        huggingface_hub.logging.set_verbosity_error()
+        import datasets, huggingface_hub  # (only a hub run needs them)
+        datasets.logging.set_verbosity_error(), huggingface_hub.logging.set_verbosity_error()  # no retry-by-retry log
         ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None)
     except Exception as e:  # no network, no hub, no datasets, no such dataset: all end the same way
         die(f"cannot load {cfg.dataset} ({cfg.dataset_config}) from the Hugging Face hub ({type(e).__name__}); "
@@ -925,7 +927,7 @@ def export_hf(folder, to):
               "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
               "intermediate_size": cfg.ffn, "hidden_act": "gelu", "hidden_dropout_prob": cfg.dropout,
               "attention_probs_dropout_prob": cfg.dropout, "max_position_embeddings": cfg.max_position,
-              "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": PAD,
+              "type_vocab_size": 2, "initializer_range": cfg.init_std, "layer_norm_eps": 1e-12, "pad_token_id": PAD,
               "tie_word_embeddings": True, **({"id2label": dict(enumerate(labels)), "label2id": {v: i for i, v in
                                                   enumerate(labels)}} if labels else {})}
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_len,  # as trained
@@ -963,10 +965,10 @@ def add_config_flags(p, names=None, defaults={}):
         p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; "
                        "explicit flags (--layers, --lr, ...) win (default mini)")
 
-RULES = [("layers hidden heads ffn max_position max_len batch_size grad_accum epochs lr log_every save_every",
+RULES = [("layers hidden heads ffn max_position max_len batch_size grad_accum epochs lr log_every save_every init_std",
           lambda v: 0 < v < math.inf, "must be positive and finite"),
          ("vocab_size", lambda v: v > len(SPECIALS), f"must exceed the {len(SPECIALS)} special tokens"),
-         ("dropout short_seq_prob warmup val_share beta2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+         ("dropout short_seq_prob short_share warmup val_share beta2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
          ("mask_prob", lambda v: 0 < v < 1, "must be in (0, 1)"),
          ("max_steps budget weight_decay grad_clip", lambda v: 0 <= v < math.inf, "must be finite, not negative")]
 
@@ -1008,7 +1010,7 @@ def writable(out):
 
 # A new run on one CPU (each flag unless one of its group is given): the best of the README's table, measured on 2 cores
 CPU_RECIPE = {"preset": ("tiny", ["layers", "hidden"]), "budget": (15, ["epochs", "max_steps"]), "max_len": (64, []),
-              "batch_size": (64, ["max_len"]), "dropout": (0.0, [])}
+              "batch_size": (64, ["max_len"]), "dropout": (0.0, []), "short_share": (0.9, []), "init_std": (0.06, [])}
 
 def cmd_train(args):
     if "RANK" in os.environ:  # under torchrun: one process per GPU, NCCL between GPUs, gloo between CPUs
@@ -1085,13 +1087,11 @@ def cmd_demo(args):
         die('the text has no [MASK]; try: python minibert.py demo "the [MASK] sat on the mat ."')
     if (n := len(tok.encode(text).ids)) > cfg.max_len:
         die(f"the text is {n} tokens, more than the model's {cfg.max_len}; shorten it around its [MASK]s")
-    guesses = fill_mask(model, tok, text, args.top_k)
-    for i, g in enumerate(guesses):
+    for i, g in enumerate(fill_mask(model, tok, text, args.top_k)):
         print(f"[MASK] {i + 1}: " + "  ".join(f"{w} {p:.3g}" for w, p in g))
 
 def cmd_eval(args):
-    device = resolve_device(args.device)
-    model, tok, cfg, state = load_model(args.ckpt, device)
+    model, tok, cfg, state = load_model(args.ckpt, device := resolve_device(args.device))
     if "labels" in state:  # a classifier: its accuracy on a labelled file
         if not args.data:
             die(f"{args.ckpt} is a classifier: pass --data FILE (.tsv or .csv) with its columns {state['columns']}")
@@ -1107,7 +1107,7 @@ def cmd_eval(args):
           f"mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
 
 FINETUNE = dict(epochs=3, batch_size=32, dropout=0.1, warmup=0.1, val_share=0.1, log_every=100, grad_accum=1,
-                max_steps=0, budget=0, compile=False)  # and the preset's fine-tuning lr (PRESETS)
+                max_steps=0, budget=0, compile=False, init_std=0.02)  # head, --scratch: BERT's init; lr: the preset's
 
 def cmd_finetune(args):
     state, tok, saved = load_checkpoint(args.ckpt)
@@ -1137,9 +1137,8 @@ def cmd_finetune(args):
 
 def cmd_bench(args):
     r = bench(build_config(args), args.steps)
-    print(f"{r['device']}: {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} "
-          f"tokens/s | MFU {100 * r['mfu']:.1f}% ({r['peak_note']}) | batch {r['batch_size']} x {r['max_len']} | "
-          f"warm-up {r['warmup_s']:.1f} s")
+    print(f"{r['device']}: {r['ms_per_step']:.1f} ms/step | {r['tokens_per_s']:,.0f} tokens/s | MFU {r['mfu']:.1%} "
+          f"({r['peak_note']}) | batch {r['batch_size']} x {r['max_len']} | warm-up {r['warmup_s']:.1f} s")
 
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)  # log lines show up at once, also in a file

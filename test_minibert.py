@@ -249,11 +249,15 @@ def test_tied_decoder_survives_save_and_load(tmp_path, tok):
     assert torch.equal(model.eval()(ids, torch.zeros_like(ids))[0], loaded(ids, torch.zeros_like(ids))[0])
 
 
-def test_initial_loss_is_chance():
-    """Small init (std 0.02) gives near-uniform predictions: MLM ~ ln V, NSP ~ ln 2."""
+@pytest.mark.parametrize("std", [0.02, 0.06])
+def test_initial_loss_is_chance(std):
+    """Weights drawn with std init_std (BERT's 0.02; a CPU run's 0.06), the classifier's head too, give near-uniform
+    predictions: MLM ~ ln V, NSP ~ ln 2."""
     torch.manual_seed(0)
-    cfg = dataclasses.replace(TINY, vocab_size=997)
-    _, stats = loss_of(mb.BERT(cfg), batch_of(cfg, B=32))
+    cfg = dataclasses.replace(TINY, vocab_size=997, init_std=std)
+    model, head = mb.BERT(cfg), mb.Classifier(cfg, 2).classifier.weight
+    assert abs(model.layers[0].fc1.weight.std() - std) < 0.1 * std and abs(head.std() - std) < 0.3 * std
+    _, stats = loss_of(model, batch_of(cfg, B=32))
     assert abs(stats[1].item() - math.log(997)) < 0.1
     assert abs(stats[2].item() - math.log(2)) < 0.05
 
@@ -1120,7 +1124,8 @@ def test_encode_rows_pairs_segments_and_cuts(tok):
 
 
 def test_finetune_starts_from_the_checkpoint_and_scratch_does_not(tmp_path, tok, monkeypatch):
-    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size())
+    """The pretrained weights, or --scratch's new ones drawn as BERT's (std 0.02, whatever init_std pretrained)."""
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), hidden=64, ffn=256, init_std=0.06)
     torch.manual_seed(1)
     write_checkpoint(tmp_path, mb.BERT(cfg), cfg, tok)
     (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"{t[0]},{'pos' if y else 'neg'}\n" for t, y in labelled(20)))
@@ -1134,6 +1139,7 @@ def test_finetune_starts_from_the_checkpoint_and_scratch_does_not(tmp_path, tok,
         assert torch.equal(p, pretrained[name]), name
     assert not torch.equal(models[1].bert.tok_emb.weight, pretrained["tok_emb.weight"])
     assert torch.equal(models[0].classifier.weight, models[1].classifier.weight)  # the same new layer (seed)
+    assert abs(models[1].bert.layers[0].fc1.weight.std() - 0.02) < 0.002
 
 
 # ---------------------------------------------------------------------------- a time budget, a given tokenizer
@@ -1174,9 +1180,29 @@ def test_budget_schedule_follows_the_clock_and_resumes(tmp_path, tok, docs, monk
     assert lrs == [mb.lr_at(2.0 * i, 30.0, cfg) for i in range(15)]
 
 
+def test_short_share_trains_half_length_first_and_resumes_exactly(tmp_path, tok, docs, monkeypatch):
+    """short_share 0.5 of 12 steps: steps 1-6 on 2 x 8 sequences of 16 tokens, 7-12 on 8 of 32 (the paper's 128 then
+    512, one step lower); stopped in the short phase and resumed, the same weights as straight through."""
+    shapes, step = [], mb.train_step
+    monkeypatch.setattr(mb, "train_step", lambda m, o, f, batch, *a: shapes.append(batch[0].shape) or step(m, o, f, batch, *a))
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), max_len=32, batch_size=8, max_steps=12,
+                              short_share=0.5, log_every=4)
+    corpus = mb.encode_corpus(tok, docs)
+    val = mb.make_pairs(corpus, range(len(docs)), cfg.max_len, 99)[:8]
+    straight = mb.train(dataclasses.replace(cfg, out=str(tmp_path / "a")), tok, corpus, range(len(docs)), val)
+    assert shapes == [(16, 16)] * 6 + [(8, 32)] * 6  # (sequences, tokens) at each step
+    b = dataclasses.replace(cfg, out=str(tmp_path / "b"))
+    with pytest.raises(SystemExit):
+        mb.train(b, tok, corpus, range(len(docs)), val, stop_at=4)
+    resumed = mb.train(b, tok, corpus, range(len(docs)), val, resume=mb.load_checkpoint(b.out)[0])
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
 def test_cpu_default_recipe(tmp_path, monkeypatch, capsys):
     """A new run on a CPU is tiny unless a size is given, CPU_RECIPE's minutes long unless a length is given, and
-    64 tokens by 64 sequences (unless --max_len is given) without dropout (unless --dropout is)."""
+    64 tokens by 64 sequences (unless --max_len is given), the first 90 % at 32 by 128, without dropout, initial
+    weights of std 0.06 (each unless given)."""
     (tmp_path / "c.txt").write_text(make_corpus())
     runs = []
     monkeypatch.setattr(mb, "train", lambda cfg, *a, **k: runs.append(cfg))
@@ -1186,9 +1212,10 @@ def test_cpu_default_recipe(tmp_path, monkeypatch, capsys):
         mb.main(["train", "--data", str(tmp_path / "c.txt"), "--device", "cpu", "--out", str(tmp_path / str(i)), *extra])
     budget = mb.CPU_RECIPE["budget"][0]
     assert (runs[0].hidden, runs[0].budget, runs[0].lr) == (128, budget, mb.PRESETS["tiny"][2])
-    assert (runs[0].max_len, runs[0].batch_size, runs[0].dropout) == (64, 64, 0.0)
-    assert f"recipe: on a CPU, --preset tiny --budget {budget} --max_len 64 --batch_size 64 --dropout 0.0 (" in \
-        capsys.readouterr().out
+    assert (runs[0].max_len, runs[0].batch_size, runs[0].dropout, runs[0].short_share, runs[0].init_std) == \
+        (64, 64, 0.0, 0.9, 0.06)
+    assert f"recipe: on a CPU, --preset tiny --budget {budget} --max_len 64 --batch_size 64 --dropout 0.0 " \
+        "--short_share 0.9 --init_std 0.06 (" in capsys.readouterr().out
     assert (runs[1].hidden, runs[1].budget, runs[1].epochs) == (128, 0, 2)  # a length alone: still tiny
     assert (runs[4].max_len, runs[4].batch_size, runs[4].dropout, runs[4].budget) == (128, 32, 0.1, budget)
     assert (runs[2].hidden, runs[2].budget) == (256, budget) and (runs[3].hidden, runs[3].budget) == (256, 0)
