@@ -982,8 +982,9 @@ def build_config(args, base=None, world=1):
             die(f"--{name} {rule}, not {getattr(cfg, name)}")
     if cfg.hidden % cfg.heads:
         die(f"--hidden {cfg.hidden} is not divisible by --heads {cfg.heads}")
-    if not 8 <= cfg.max_len <= cfg.max_position:
-        die(f"--max_len must be between 8 and --max_position ({cfg.max_position}), not {cfg.max_len}")
+    if not (low := 16 if cfg.short_share else 8) <= cfg.max_len <= cfg.max_position:  # --short_share halves max_len
+        die(f"--max_len must be between {low}{' (--short_share halves it)' * (low > 8)} and --max_position "
+            f"({cfg.max_position}), not {cfg.max_len}")
     if cfg.batch_size % (world * cfg.grad_accum):
         die(f"--batch_size {cfg.batch_size} must be a multiple of {world} process(es) x --grad_accum {cfg.grad_accum}")
     return dataclasses.replace(cfg, device=resolve_device(cfg.device))
@@ -1107,7 +1108,7 @@ def cmd_eval(args):
           f"mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
 
 FINETUNE = dict(epochs=3, batch_size=32, dropout=0.1, warmup=0.1, val_share=0.1, log_every=100, grad_accum=1,
-                max_steps=0, budget=0, compile=False, init_std=0.02)  # head, --scratch: BERT's init; lr: the preset's
+                max_steps=0, budget=0, short_share=0, compile=False, init_std=0.02)  # --scratch: BERT's init
 
 def cmd_finetune(args):
     state, tok, saved = load_checkpoint(args.ckpt)

@@ -826,6 +826,7 @@ def cli(tmp_path_factory):
         "top_k_zero": ["demo", "the [MASK] sat", "--ckpt", ckpt, "--top_k", "0"],
         "heads_mismatch": ["train", "--data", c, "--hidden", "100", "--heads", "3"],
         "max_len_too_long": ["train", "--data", c, "--max_len", "1000"],
+        "max_len_too_short_to_halve": ["train", "--data", c, "--max_len", "12"],  # a CPU run: --short_share 0.9
         "dropout_range": ["train", "--data", c, "--dropout", "1.5"],
         "resume_nothing": ["train", "--data", c, "--resume", "--out", str(d / "o8")],
         "resume_other_data": ["train", "--data", str(d / "other.txt"), "--resume", "--out", str(d / "other_data")],
@@ -1060,7 +1061,8 @@ BAD = {  # case -> what the one-line message must mention
     "abbreviated_flag": "unrecognized arguments: --max_step", "negative_max_steps": "--max_steps must be finite, not negative",
     "bad_preset": "invalid choice", "unwritable_out": "cannot write", "existing_out": "--resume",
     "resume_other_shape": "hidden 128, not 64", "no_hub": "--data FILE", "top_k_zero": "--top_k",
-    "heads_mismatch": "not divisible", "max_len_too_long": "--max_len must be between", "dropout_range": "--dropout must be in",
+    "heads_mismatch": "not divisible", "max_len_too_long": "--max_len must be between",
+    "max_len_too_short_to_halve": "between 16 (--short_share halves it)", "dropout_range": "--dropout must be in",
     "resume_nothing": "train one first", "resume_other_data": "this text is not the run's", "resume_edited": "edited.txt); pass the run's --data, unchanged",
     "resume_max_len": "has max_len 48, not 64; drop --max_len", "resume_seed": "has seed 1337, not 1; drop --seed",
     "out_in_use": f"is in use by another run (process {os.getpid()})", "lr_inf": "--lr must be positive and finite",
