@@ -1149,15 +1149,16 @@ def test_finetune_starts_from_the_checkpoint_and_scratch_does_not(tmp_path, tok,
 
 def test_budget_schedule_follows_the_clock_and_resumes(tmp_path, tok, docs, monkeypatch):
     """A fake clock: each step takes 2 s, each evaluation 100 s. A 30-second budget is 15 steps, each at the
-    learning rate of the time trained so far; evaluations don't count. Stopped at step 5 and resumed, the run
+    learning rate of the time trained so far, the first half of the time on half-length sequences (short_share);
+    evaluations don't count. Stopped at step 5 and resumed, the run
     goes on from 10 s of training to the same end."""
     clock = [1000.0]
     monkeypatch.setattr(mb, "time", type("FakeTime", (), {"time": staticmethod(lambda: clock[0])}))
-    lrs, step, evaluate = [], mb.train_step, mb.evaluate
+    lrs, lens, step, evaluate = [], [], mb.train_step, mb.evaluate
 
     def slow_step(model, opt, loss_fn, batch, lr, cfg, *a):
         clock[0] += 2.0
-        lrs.append(lr)
+        lrs.append(lr), lens.append(batch[0].size(1))
         return step(model, opt, loss_fn, batch, lr, cfg, *a)
 
     def slow_evaluate(*a):
@@ -1166,11 +1167,12 @@ def test_budget_schedule_follows_the_clock_and_resumes(tmp_path, tok, docs, monk
     monkeypatch.setattr(mb, "train_step", slow_step)
     monkeypatch.setattr(mb, "evaluate", slow_evaluate)
     cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), max_len=32, batch_size=8, budget=0.5, log_every=4,
-                              out=str(tmp_path / "a"))
+                              short_share=0.5, out=str(tmp_path / "a"))
     corpus = mb.encode_corpus(tok, docs)
     val = mb.make_pairs(corpus, range(len(docs)), cfg.max_len, 99)[:8]
     mb.train(cfg, tok, corpus, range(len(docs)), val)
     assert lrs == [mb.lr_at(2.0 * i, 30.0, cfg) for i in range(15)] and lrs[-1] < 0.1 * cfg.lr
+    assert lens == [16] * 8 + [32] * 7  # short_share 0.5: half-length sequences while under 15 s trained
     assert mb.load_checkpoint(cfg.out)[0]["trained_s"] == 30.0 and max(lrs) == cfg.lr
     lrs.clear()
     b = dataclasses.replace(cfg, out=str(tmp_path / "b"))
