@@ -96,14 +96,15 @@ PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def wordpiece(vocab=None):
+def wordpiece(vocab=None, lowercase=True):
     """BERT's uncased WordPiece tokenizer; vocab: {token: id}, or None for one to train."""
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)  # lower-case and strip accents
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)  # lower-case and strip accents
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # split on spaces and punctuation
     tok.decoder = decoders.WordPiece(prefix="##")  # "play ##ing" -> "playing"
     tok.post_processor = processors.TemplateProcessing(  # encode(a) or encode(a, b); segment ids 0 for a, 1 for b
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(t, (vocab or {}).get(t, i)) for t, i in (("[CLS]", CLS), ("[SEP]", SEP))])  # (export: BERT's)
     return tok
 
 def train_tokenizer(sentences, vocab_size, max_sentences=200_000):
@@ -362,9 +363,9 @@ def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1, norms
     optimizer.zero_grad(set_to_none=True)
     return stats, optimizer.found_inf  # both stay on the device
 
-def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pairs0=None, meta={}):
+def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pairs0=None, meta={}, init=None):
     """The loop, over the documents train_docs (indices) of a Corpus; val_pairs: held-out pairs, or None; pairs0: epoch
-    0's pairs if made; meta: more for the checkpoint (the data's files and hash)."""
+    0's pairs if made; meta: more for the checkpoint (the data's files and hash); init: a state to start from."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     say = print if rank == 0 else (lambda *a, **k: None)  # torchrun: rank 0 alone prints, evaluates and saves
     device, B, T = torch.device(cfg.device), cfg.batch_size, cfg.max_len
@@ -377,6 +378,8 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pa
     gen = torch.Generator(device).manual_seed(cfg.seed + 1)  # masks: the same on every rank
     torch.manual_seed(cfg.seed + rank)  # dropout: not the same on every rank
     tokens = corpus.ids.to(device)  # the whole tokenized corpus: batches are gathered on the GPU
+    if init is not None:  # --init: a pretrained BERT's weights, with a new optimizer and schedule
+        load_weights(raw, init, meta["init"])
     pairs0 = pairs_or_die(corpus, train_docs, cfg, cfg.seed) if pairs0 is None else pairs0  # epoch 0's
     N, steps_per_epoch = len(pairs0), math.ceil(len(pairs0) / B)  # pairs per epoch
     total = math.inf if cfg.budget else cfg.max_steps or cfg.epochs * steps_per_epoch  # in steps
@@ -727,29 +730,33 @@ def load_checkpoint(folder):
     folder = os.path.dirname(folder) if os.path.basename(folder) == "model.pt" else folder
     path = os.path.join(folder, "model.pt")
     if not os.path.isfile(path):
-        die(f"no checkpoint at {path}; train one first: python minibert.py train --data FILE --out {folder}")
+        die(f"no checkpoint at {path}; train one first: python minibert.py train --data FILE --out {folder} (or pass a "
+            "transformers BERT folder)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return state, Tokenizer.from_str(state["tokenizer"]), Config(**state["config"])
     except Exception as e:  # truncated, foreign or from another program
         die(f"{path} is not a minibert checkpoint ({type(e).__name__}); retrain, or point --ckpt at another folder")
 
-def load_tokenizer(path):
-    """train --tokenizer: a checkpoint, a tokenizer.json (WordPiece, as export writes) or a vocab.txt -> a tokenizer."""
+def load_tokenizer(path, lowercase=True):
+    """--tokenizer: a checkpoint, a tokenizer.json (WordPiece, as export writes) or a vocab.txt -> a tokenizer with the
+    specials at 0..4, and order: our id i is the file's id order[i] (BERT's vocab.txt has [UNK] at 100), or None."""
     if os.path.isdir(path) or path.endswith(".pt"):  # a minibert checkpoint: its folder or model.pt
-        return load_checkpoint(path)[1]
+        return load_checkpoint(path)[1], None
     try:
         with open(path, encoding="utf-8") as f:
             vocab = json.load(f)["model"]["vocab"] if path.endswith(".json") else f.read().splitlines()
     except (OSError, ValueError, KeyError, TypeError) as e:
-        die(f"cannot read --tokenizer {path} ({getattr(e, 'strerror', None) or type(e).__name__}); pass a checkpoint "
-            "folder, a WordPiece tokenizer.json or a vocab.txt")
+        die(f"cannot read {path} ({getattr(e, 'strerror', None) or type(e).__name__}); pass a checkpoint folder, a "
+            "WordPiece tokenizer.json or a vocab.txt")
     vocab = sorted(vocab, key=vocab.get) if isinstance(vocab, dict) else vocab  # tokens in id order
     if missing := [t for t in SPECIALS if t not in vocab]:
-        die(f"--tokenizer {path} has no {' '.join(missing)}; minibert needs BERT's {' '.join(SPECIALS)}")
-    tok = wordpiece({t: i for i, t in enumerate(dict.fromkeys(SPECIALS + vocab))})  # the specials get the ids 0..4
+        die(f"{path} has no {' '.join(missing)}; minibert needs BERT's {' '.join(SPECIALS)}")
+    ids = {t: i for i, t in enumerate(vocab)}
+    order = [ids[t] for t in dict.fromkeys(SPECIALS + vocab)]  # the specials first, then the rest in the file's order
+    tok = wordpiece({t: i for i, t in enumerate(dict.fromkeys(SPECIALS + vocab))}, lowercase)
     tok.add_special_tokens(SPECIALS)  # "[MASK]" in a text is the token, not "[", "mask", "]" (as trained ones do)
-    return tok
+    return tok, None if order == sorted(order) else order
 
 def load_weights(model, state, folder):  # weights named or shaped otherwise: one line, not a traceback
     try:
@@ -758,7 +765,7 @@ def load_weights(model, state, folder):  # weights named or shaped otherwise: on
         die(f"the checkpoint in {folder} holds the weights of another version of minibert; retrain with this one")
 
 def load_model(folder, device):  # for demo, eval and export: the model (a BERT or a Classifier), in eval mode
-    state, tok, cfg = load_checkpoint(folder)
+    state, tok, cfg = load_source(folder)
     model = Classifier(cfg, len(state["labels"])) if "labels" in state else BERT(cfg)
     load_weights(model, state, folder)
     return model.to(device).eval(), tok, cfg, state
@@ -891,11 +898,12 @@ def bench(cfg, steps=20, warmup=5):
     return {"device": str(device), "peak_note": note, "batch_size": B, "max_len": T, "ms_per_step": 1e3 * dt,
             "tokens_per_s": B * T / dt, "tflops_per_step": flops / 1e12, "mfu": flops / dt / peak, "warmup_s": times[0]}
 
-# ----------------------------------------------------------------------------- export
+# ----------------------------------------------------------------------------- transformers' BERT: export and import
 
-HF_NAMES = {  # minibert module -> Hugging Face BertForPreTraining module ({i}: layer index)
+HF_NAMES = {  # minibert module -> transformers' BertForPreTraining module(s) ({i}: layer index), both ways
     "tok_emb": "bert.embeddings.word_embeddings", "pos_emb": "bert.embeddings.position_embeddings",
     "seg_emb": "bert.embeddings.token_type_embeddings", "emb_ln": "bert.embeddings.LayerNorm",
+    "layers.{i}.qkv": tuple(f"bert.encoder.layer.{{i}}.attention.self.{n}" for n in ("query", "key", "value")),
     "layers.{i}.proj": "bert.encoder.layer.{i}.attention.output.dense",
     "layers.{i}.ln1": "bert.encoder.layer.{i}.attention.output.LayerNorm",
     "layers.{i}.fc1": "bert.encoder.layer.{i}.intermediate.dense",
@@ -904,18 +912,31 @@ HF_NAMES = {  # minibert module -> Hugging Face BertForPreTraining module ({i}: 
     "nsp_head": "cls.seq_relationship", "mlm_dense": "cls.predictions.transform.dense",
     "mlm_ln": "cls.predictions.transform.LayerNorm", "decoder": "cls.predictions",  # its weight is tok_emb's
     "classifier": "classifier"}  # a Classifier's head, as BertForSequenceClassification names it
+HF_CONFIG = {"num_hidden_layers": "layers", "hidden_size": "hidden", "num_attention_heads": "heads",  # config.json
+             "intermediate_size": "ffn", "vocab_size": "vocab_size", "max_position_embeddings": "max_position",
+             "hidden_dropout_prob": "dropout", "attention_probs_dropout_prob": "dropout",
+             "initializer_range": "init_std"}
+BERT_ONLY = {"model_type": "bert", "hidden_act": "gelu", "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+             "position_embedding_type": "absolute"}  # what minibert's layers compute (and BertConfig's defaults)
 
-def hf_state_dict(sd, cfg):
-    """Rename (and split the fused qkv of) a minibert state dict to Hugging Face's names."""
-    qkv = {f"bert.encoder.layer.{i}.attention.self.{name}.{kind}": t
-           for i in range(cfg.layers) for kind in ("weight", "bias")
-           for name, t in zip(("query", "key", "value"), sd[f"layers.{i}.qkv.{kind}"].chunk(3))}
-    return qkv | {f"{theirs.format(i=i)}.{kind}": sd[f"{ours.format(i=i)}.{kind}"] for ours, theirs in HF_NAMES.items()
-                  for i in range(cfg.layers if "{i}" in ours else 1) for kind in ("weight", "bias")
-                  if f"{ours.format(i=i)}.{kind}" in sd and (ours, kind) != ("decoder", "weight")}  # decoder: tied
+def hf_pairs(cfg):
+    """(our tensor's name, [their tensors' names]) for every tensor HF_NAMES names: the fused qkv is three of theirs."""
+    for ours, theirs in HF_NAMES.items():
+        for i in range(cfg.layers if "{i}" in ours else 1):
+            for kind in ("weight", "bias"):
+                yield f"{ours.format(i=i)}.{kind}", [f"{t.format(i=i)}.{kind}" for t in
+                                                     ((theirs,) if isinstance(theirs, str) else theirs)]
+
+def hf_state_dict(sd, cfg):  # export: a minibert state dict -> transformers' names, the qkv split in three
+    return {t: x for ours, theirs in hf_pairs(cfg) if ours in sd and ours != "decoder.weight"  # decoder: tied
+            for t, x in zip(theirs, sd[ours].chunk(len(theirs)))}
+
+def from_hf_state_dict(hf, cfg):  # import: the inverse (what hf lacks is left out)
+    return {ours: torch.cat([hf[t] for t in theirs]) for ours, theirs in hf_pairs(cfg) if all(t in hf for t in theirs)}
 
 def export_hf(folder, to):
-    """A folder that transformers' from_pretrained and AutoTokenizer load (minibert does not import transformers)."""
+    """A folder that transformers' from_pretrained and AutoTokenizer load (minibert does not import transformers); an
+    imported model's vocabulary goes back to its own order (BERT's [UNK] at 100): the tensors it was loaded from."""
     model, tok, cfg, state = load_model(folder, "cpu")  # another version's checkpoint: one line, nothing written
     labels, sd = state.get("labels"), model.state_dict()
     arch = "BertForSequenceClassification" if labels else "BertForPreTraining"  # the first without "cls." heads
@@ -923,26 +944,96 @@ def export_hf(folder, to):
         os.makedirs(to, exist_ok=True)
     except OSError as e:
         die(f"cannot create --to {to}: {e.strerror}")
-    config = {"architectures": [arch], "model_type": "bert", "vocab_size": cfg.vocab_size,
-              "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-              "intermediate_size": cfg.ffn, "hidden_act": "gelu", "hidden_dropout_prob": cfg.dropout,
-              "attention_probs_dropout_prob": cfg.dropout, "max_position_embeddings": cfg.max_position,
-              "type_vocab_size": 2, "initializer_range": cfg.init_std, "layer_norm_eps": 1e-12, "pad_token_id": PAD,
-              "tie_word_embeddings": True, **({"id2label": dict(enumerate(labels)), "label2id": {v: i for i, v in
-                                                  enumerate(labels)}} if labels else {})}
+    back = torch.tensor(state.get("vocab_order") or range(cfg.vocab_size)).argsort()  # the file's id j is our back[j]
+    lowercase = json.loads(tok.to_str())["normalizer"]["lowercase"]
+    vocab = [tok.id_to_token(i) for i in back.tolist()]  # in the file's order
+    config = {"architectures": [arch], **BERT_ONLY, **{k: getattr(cfg, v) for k, v in HF_CONFIG.items()},
+              "pad_token_id": vocab.index("[PAD]"), "tie_word_embeddings": True}
+    if labels:
+        config |= {"id2label": dict(enumerate(labels)), "label2id": {v: i for i, v in enumerate(labels)}}
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_len,  # as trained
                   **dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIALS)),
-                  "do_lower_case": True, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
+                  "do_lower_case": lowercase, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
     for name, obj in (("config.json", config), ("tokenizer_config.json", tok_config)):
         Path(to, name).write_text(json.dumps(obj, indent=2))
+    if state.get("vocab_order"):  # the tokenizer with the file's ids
+        tok = wordpiece({t: i for i, t in enumerate(vocab)}, lowercase)
+        tok.add_special_tokens(SPECIALS)
     tok.save(os.path.join(to, "tokenizer.json"))  # and vocab.txt, for the slow BertTokenizer:
-    Path(to, "vocab.txt").write_text("".join(f"{tok.id_to_token(i)}\n" for i in range(tok.get_vocab_size())), "utf-8")
+    Path(to, "vocab.txt").write_text("".join(f"{t}\n" for t in vocab), "utf-8")
     from safetensors.torch import save_file
     hf = hf_state_dict({k.removeprefix("bert."): v for k, v in sd.items()}, cfg)  # (a Classifier's BERT is .bert)
+    for name in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias"):  # rows in the file's order
+        hf[name] = hf[name][back]
     weights = {k: v.float().contiguous().clone() for k, v in hf.items() if not (labels and k.startswith("cls."))}
     save_file(weights, os.path.join(to, "model.safetensors"), metadata={"format": "pt"})
     os.chmod(os.path.join(to, "model.safetensors"), os.stat(os.path.join(to, "config.json")).st_mode)  # not 600
     print(f"exported {folder} to {to}/; load it with transformers.{arch}.from_pretrained({to!r})")
+
+def load_hf(folder):
+    """A transformers BERT folder -> (state, tokenizer, config), as load_checkpoint gives: export_hf's inverse. It needs
+    config.json, model.safetensors or pytorch_model.bin (BertForPreTraining's, BertForMaskedLM's or BertModel's
+    weights) and vocab.txt or tokenizer.json; the heads it lacks start from random weights, and one line says so."""
+    path = lambda name: os.path.join(folder, name)
+    try:
+        conf = json.loads(Path(path("config.json")).read_text())
+        cfg = Config(**{ours: conf[theirs] for theirs, ours in HF_CONFIG.items()}, device="cpu")
+        cfg = dataclasses.replace(cfg, max_len=min(cfg.max_len, cfg.max_position))  # (fine-tuning's length)
+        if os.path.isfile(path("model.safetensors")):
+            from safetensors.torch import load_file
+            hf = load_file(path("model.safetensors"))
+        else:
+            hf = torch.load(path("pytorch_model.bin"), map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, damaged, not a BERT's config
+        why = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+        die(f"cannot read the transformers folder {folder} ({why}); it needs config.json, and model.safetensors or "
+            "pytorch_model.bin")
+    if other := [f"{k} {conf[k]}" for k, v in BERT_ONLY.items() if conf.get(k, v) != v]:
+        die(f"{folder} holds another architecture ({', '.join(other)}); minibert computes BERT's: "
+            + ", ".join(f"{k} {v}" for k, v in BERT_ONLY.items()))
+    lowercase = True  # uncased, unless its tokenizer_config.json says otherwise (bert-base-cased)
+    with suppress(OSError, ValueError, AttributeError):
+        lowercase = json.loads(Path(path("tokenizer_config.json")).read_text()).get("do_lower_case", True)
+    vocab = next((path(f) for f in ("vocab.txt", "tokenizer.json") if os.path.isfile(path(f))), path("vocab.txt"))
+    tok, order = load_tokenizer(vocab, lowercase)
+    if tok.get_vocab_size() != cfg.vocab_size:
+        die(f"{vocab} has {tok.get_vocab_size()} tokens, the model in {folder} {cfg.vocab_size}; put its own there")
+    hf = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in hf.items()}  # TF-era names
+    hf = {k if k.startswith(("bert.", "cls.", "classifier.")) else f"bert.{k}": v for k, v in hf.items()}  # BertModel
+    for name, tied in (("cls.predictions.bias", "cls.predictions.decoder.bias"),  # a tied tensor is saved once,
+                       ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight")):  # either name
+        if tied in hf:
+            hf.setdefault(name, hf[tied])
+    torch.manual_seed(0)
+    sd = BERT(cfg).state_dict()  # what the folder lacks keeps these initial weights
+    ours = {k: v for k, v in from_hf_state_dict(hf, cfg).items() if k in sd}  # (a classifier's head is not BERT's)
+    lacks = {k: theirs[0].rsplit(".", 1)[0] for k, theirs in hf_pairs(cfg) if k in sd.keys() - ours - {"decoder.weight"}}
+    if encoder := [v for k, v in lacks.items() if not k.startswith(("pool", "nsp_head", "mlm_", "decoder."))]:
+        die(f"{folder} has no {', '.join(dict.fromkeys(encoder))}: not a BERT's weights")
+    if lacks:
+        print(f"note: {folder} has no {', '.join(dict.fromkeys(lacks.values()))}: random initial weights there "
+              f"(std {cfg.init_std})")
+    sd |= ours
+    for name in ("tok_emb.weight", "decoder.bias"):  # rows in our order: the specials at 0..4
+        sd[name] = sd[name][order] if order else sd[name]
+    sd["decoder.weight"] = sd["tok_emb.weight"]  # tied
+    return {"model": sd, "vocab_order": order, "hf": folder}, tok, cfg
+
+def load_source(path):
+    """--ckpt and --init: a minibert checkpoint (folder or model.pt), a transformers BERT folder, or (online) a hub
+    name such as google/bert_uncased_L-2_H-128_A-2 -> (state, tokenizer, config)."""
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "model.pt")):
+        return load_hf(path)
+    if not os.path.exists(path) and path.count("/") == 1 and not os.path.exists(path.split("/")[0]):  # a hub name
+        try:
+            from huggingface_hub import snapshot_download
+            files = ["*.json", "vocab.txt", "model.safetensors", "pytorch_model.bin"]
+            folder = snapshot_download(path, allow_patterns=files)
+        except Exception as e:  # offline, no such model
+            die(f"{path} is not a folder here, and the Hugging Face hub did not give it ({type(e).__name__}); offline, "
+                "pass a folder: a minibert checkpoint, or a transformers BERT (config.json, weights, vocab.txt)")
+        return load_hf(folder)
+    return load_checkpoint(path)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -1020,25 +1111,37 @@ def cmd_train(args):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    out, resume, saved = args.out or Config.out, None, None
+    out, resume, saved, init, source = args.out or Config.out, None, None, None, None
     if args.resume:
+        if args.init:
+            die("--resume goes on with the run in --out, --init starts a new one: drop one of them")
         resume, tok, saved = load_checkpoint(out)
         args.data = args.data or resume.get("data")  # the run's files (none: the hub's dataset)
     elif os.path.exists(os.path.join(out, "model.pt")):
         die(f"{out}/ already holds a checkpoint; continue it with --resume, or pick a new folder with --out")
+    if args.init:  # a new run from a pretrained BERT: its shape, weights and tokenizer; a new optimizer and schedule
+        init, tok, source = load_source(args.init)
+        weights = {k.removeprefix("bert."): v for k, v in init["model"].items() if not k.startswith("classifier")}
+        init = {"model": weights, "vocab_order": init.get("vocab_order")}  # (a fine-tuned checkpoint: its BERT)
+        if args.tokenizer:
+            die(f"--init {args.init} brings its own tokenizer; drop --tokenizer")
     if not saved and world == 1 and resolve_device(args.device or "auto") == "cpu":  # the CPU's own default recipe
-        chosen = {k: v for k, (v, more) in CPU_RECIPE.items() if all(getattr(args, f) is None for f in [k, *more])}
+        recipe = {k: v for k, v in CPU_RECIPE.items() if not (init and k in ("preset", "short_share", "init_std"))}
+        chosen = {k: v for k, (v, more) in recipe.items() if all(getattr(args, f) is None for f in [k, *more])}
         vars(args).update(chosen)
         if chosen:
             print(f"recipe: on a CPU, {' '.join(f'--{k} {v}' for k, v in chosen.items())} (the README's table; mini's "
                   "40 epochs would take a day here); your own flags win")
-    cfg = build_config(args, saved and dataclasses.replace(saved, device="auto"), world)  # the device: this machine's
-    for name in "layers hidden heads ffn vocab_size max_position max_len seed val_share short_seq_prob".split():
-        if saved and getattr(cfg, name) != getattr(saved, name):  # the weights' shape, and the pairs
-            die(f"--resume: the checkpoint in {out}/ has {name} {getattr(saved, name)}, not {getattr(cfg, name)}; "
-                f"drop --{name}" + " (or --preset)" * (name in ("layers", "hidden")))
+    shape = "layers hidden heads ffn vocab_size max_position".split()
+    base = source and dataclasses.replace(Config(), **{k: getattr(source, k) for k in shape + ["init_std"]})
+    cfg = build_config(args, saved and dataclasses.replace(saved, device="auto") or base, world)  # the device: here
+    for name in shape + "max_len seed val_share short_seq_prob".split() * bool(saved):  # the shape, and the pairs
+        if (saved or source) and getattr(cfg, name) != getattr(saved or source, name):
+            die(f"{f'--resume: the checkpoint in {out}/' if saved else f'--init {args.init}'} has {name} "
+                f"{getattr(saved or source, name)}, not {getattr(cfg, name)}; drop --{name}"
+                + " (or --preset)" * (name in ("layers", "hidden")))
     if args.tokenizer:
-        tok = load_tokenizer(args.tokenizer) if resume is None else die("--resume goes on with the run's tokenizer; "
+        tok = load_tokenizer(args.tokenizer)[0] if resume is None else die("--resume goes on with the run's tokenizer; "
                                                                         "drop --tokenizer")
     if cfg.budget and world > 1:
         die("--budget runs in one process (the ranks' clocks would disagree); under torchrun, use --max_steps")
@@ -1046,7 +1149,7 @@ def cmd_train(args):
     t0 = time.time()
     train_docs, val_docs, note = held_out(args.data, cfg)
     lock = writable(cfg.out) if rank == 0 else None  # (held to the end)
-    if resume is None and not args.tokenizer:  # rank 0 trains the tokenizer (not deterministic), sends it to all
+    if resume is None and not args.tokenizer and not init:  # rank 0 trains the tokenizer (not deterministic), sends it
         tok = [train_tokenizer((s for d in train_docs for s in d), cfg.vocab_size).to_str() if rank == 0 else None]
         if world > 1:
             dist.broadcast_object_list(tok, 0)
@@ -1071,8 +1174,10 @@ def cmd_train(args):
                     "no pairs are held out (that needs 8 documents or more, and --val_share > 0): nothing evaluates "
                     "this run"] * (not len(val_pairs)):
             print(f"warning: {why}", file=sys.stderr)
-    train(cfg, tok, corpus, range(n), val_pairs if len(val_pairs) else None, resume, pairs0=pairs0,
-          meta={"data": args.data and [os.path.abspath(p) for p in args.data], "data_hash": digest})
+    train(cfg, tok, corpus, range(n), val_pairs if len(val_pairs) else None, resume, pairs0=pairs0, init=init,
+          meta={"data": args.data and [os.path.abspath(p) for p in args.data], "data_hash": digest,
+                "init": args.init or (resume or {}).get("init"),
+                "vocab_order": (resume or init or {}).get("vocab_order")})
 
 def cmd_demo(args):
     model, tok, cfg, state = load_model(args.ckpt, resolve_device(args.device))
@@ -1101,7 +1206,7 @@ def cmd_eval(args):
         return print(json.dumps(m) if args.json else f"{len(rows)} examples | acc {m['acc']:.4f} | "
                      f"loss {m['loss']:.4f}")
     docs = read_corpus(args.data) if args.data else held_out(state.get("data"), cfg)[1]  # the run's held-out text
-    corpus = cached_corpus(tok, docs, args.ckpt)[0]
+    corpus = cached_corpus(tok, docs, args.ckpt, save="hf" not in state)[0]  # (not into a transformers folder)
     pairs = pairs_or_die(corpus, range(len(docs)), cfg, cfg.seed + 1)
     m = {**evaluate(model, corpus.ids.to(device), pairs.to(device), cfg), "pairs": len(pairs)}
     print(json.dumps(m) if args.json else f"{len(pairs)} pairs | mlm_loss {m['mlm_loss']:.4f} | "
@@ -1111,7 +1216,7 @@ FINETUNE = dict(epochs=3, batch_size=32, dropout=0.1, warmup=0.1, val_share=0.1,
                 max_steps=0, budget=0, short_share=0, compile=False, init_std=0.02)  # --scratch: BERT's init
 
 def cmd_finetune(args):
-    state, tok, saved = load_checkpoint(args.ckpt)
+    state, tok, saved = load_source(args.ckpt)
     if "labels" in state:
         die(f"{args.ckpt} holds a fine-tuned classifier; pass a pretrained checkpoint (train's --out)")
     lr = next((v[3] for v in PRESETS.values() if v[:2] == (saved.layers, saved.hidden)), 1e-4)  # the preset's rate
@@ -1134,7 +1239,8 @@ def cmd_finetune(args):
     if not args.scratch:
         load_weights(model.bert, state, args.ckpt)
     lock = writable(cfg.out)  # (held to the end)
-    finetune(cfg, model, tok, rows, held, {"labels": names, "columns": [*cols, args.label_col]})
+    finetune(cfg, model, tok, rows, held, {"labels": names, "columns": [*cols, args.label_col],
+                                           "vocab_order": state.get("vocab_order")})  # (export: the file's order)
 
 def cmd_bench(args):
     r = bench(build_config(args), args.steps)
@@ -1160,6 +1266,8 @@ def main(argv=None):
                        help=f"text files or folders, repeatable. {DOCUMENTS} (default {default})")
     t.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     t.add_argument("--tokenizer", metavar="FILE", help="the tokenizer of a checkpoint, a tokenizer.json or vocab.txt")
+    t.add_argument("--init", metavar="DIR", help="start from a pretrained BERT's weights and tokenizer: a minibert "
+                   "checkpoint, a transformers BERT folder, or a hub name (online)")
     b.add_argument("--steps", type=int, default=20, help="timed steps, after 5 warm-up steps (default 20)")
     d.add_argument("text", nargs="+", help="a text with [MASK]s; for a classifier, a text or two (a pair)")
     d.add_argument("--top_k", type=int, default=5, help="guesses per [MASK] (default 5)")

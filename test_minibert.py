@@ -1234,11 +1234,13 @@ def test_tokenizer_from_each_source_is_the_same(tmp_path, tok):
     mb.export_hf(str(tmp_path), str(tmp_path / "hf"))
     text = "The [MASK] sat on the mat , [UNK] ; café !"
     for src in ("", "model.pt", "hf/tokenizer.json", "hf/vocab.txt"):
-        assert mb.load_tokenizer(str(tmp_path / src)).encode(text).ids == tok.encode(text).ids, src
+        loaded, order = mb.load_tokenizer(str(tmp_path / src))
+        assert loaded.encode(text).ids == tok.encode(text).ids and order is None, src
     vocab = [tok.id_to_token(i) for i in range(tok.get_vocab_size())]
     (tmp_path / "bert.txt").write_text("\n".join(["[PAD]", "[unused0]", *vocab[5:50], "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
-    other = mb.load_tokenizer(str(tmp_path / "bert.txt"))
+    other, order = mb.load_tokenizer(str(tmp_path / "bert.txt"))
     assert [other.token_to_id(t) for t in mb.SPECIALS] == [0, 1, 2, 3, 4] and other.get_vocab_size() == 51
+    assert order == [0, 47, 48, 49, 50, 1, *range(2, 47)]  # our id i is the file's order[i]
     assert other.encode("the [MASK]").ids[-2:] == [MASK, SEP] and other.encode("x").ids[0] == CLS
 
 
@@ -1295,3 +1297,133 @@ def test_export_of_a_classifier_gives_transformers_the_same_logits(tmp_path, tok
     with torch.no_grad():
         ref = hf.eval()(input_ids=ids, token_type_ids=seg, attention_mask=(ids != PAD).long()).logits
         assert (ref - model(ids, seg)).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------- import: --init, --ckpt of a transformers BERT
+
+
+def bert_folder(folder, tok, cls_name="BertForPreTraining", **config):
+    """A transformers BERT saved with save_pretrained, from a seeded random config, with a vocab.txt in BERT's own
+    order (specials not at 0..4: [UNK] [CLS] [SEP] [MASK] after two [unused] rows, as bert-base-uncased's at 100)."""
+    transformers = pytest.importorskip("transformers")
+    words = [tok.id_to_token(i) for i in range(5, tok.get_vocab_size())]
+    vocab = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    conf = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=37, max_position_embeddings=40, **config)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(conf).eval()
+    with torch.no_grad():  # non-trivial biases and LayerNorms, so that a mix-up can't hide behind zeros
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return model, transformers.BertTokenizerFast(str(folder / "vocab.txt"))
+
+
+def test_a_transformers_bert_gives_the_same_logits_and_exports_back_bit_for_bit(tmp_path, tok):
+    """load_source of a BertForPreTraining folder: the same tokens (in minibert's order: the specials at 0..4) and the
+    same MLM and NSP logits within 1e-4; a checkpoint of it exports back to the very tensors and vocab.txt."""
+    hf, hf_tok = bert_folder(tmp_path / "hf", tok)
+    state, ours_tok, cfg = mb.load_source(str(tmp_path / "hf"))
+    order = torch.tensor(state["vocab_order"])  # our id i is the file's order[i]
+    model = mb.BERT(cfg).eval()
+    model.load_state_dict(state["model"])
+    a, b = "the cat sat on the mat", "a bright [MASK] over the old bridge"
+    ours = torch.tensor([ours_tok.encode(a, b).ids])
+    enc = hf_tok(a, b, return_tensors="pt")
+    assert torch.equal(order[ours], enc["input_ids"])  # the same tokens, each under its own id
+    with torch.no_grad():
+        mlm, nsp = model(ours, torch.tensor([ours_tok.encode(a, b).type_ids]))
+        ref = hf(**enc)
+    assert (ref.prediction_logits[..., order] - mlm).abs().max() < 1e-4  # our logit i is their logit order[i]
+    assert (ref.seq_relationship_logits - nsp).abs().max() < 1e-4
+    mb.save_checkpoint(str(tmp_path / "model.pt"), {"model": state["model"], "config": dataclasses.asdict(cfg),
+                                                     "tokenizer": ours_tok.to_str(), "vocab_order": order.tolist()})
+    mb.export_hf(str(tmp_path), str(tmp_path / "back"))
+    from safetensors.torch import load_file
+    back, original = load_file(str(tmp_path / "back" / "model.safetensors")), hf.state_dict()
+    assert back and all(torch.equal(t, original[k]) for k, t in back.items())  # bit for bit, every tensor
+    assert (tmp_path / "back" / "vocab.txt").read_text() == (tmp_path / "hf" / "vocab.txt").read_text()
+    import transformers
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))(a, b)["input_ids"] == enc["input_ids"][0].tolist()
+
+
+def test_export_then_import_is_bit_identical(tmp_path, tok):
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size())
+    torch.manual_seed(0)
+    model = mb.BERT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    write_checkpoint(tmp_path, model, cfg, tok)
+    mb.export_hf(str(tmp_path), str(tmp_path / "hf"))
+    state, loaded_tok, loaded_cfg = mb.load_source(str(tmp_path / "hf"))
+    assert state["vocab_order"] is None and loaded_tok.to_str() == mb.load_tokenizer(str(tmp_path / "hf" / "vocab.txt"))[0].to_str()
+    assert [getattr(loaded_cfg, k) for k in "layers hidden heads ffn vocab_size max_position init_std".split()] == [
+        getattr(cfg, k) for k in "layers hidden heads ffn vocab_size max_position init_std".split()]
+    assert state["model"].keys() == model.state_dict().keys()
+    assert all(torch.equal(state["model"][k], t) for k, t in model.state_dict().items())
+
+
+@pytest.mark.parametrize("cls_name, lacks", [("BertModel", ["cls.predictions.transform.dense", "cls.seq_relationship"]),
+                                             ("BertForMaskedLM", ["bert.pooler.dense", "cls.seq_relationship"])])
+def test_a_bert_without_heads_loads_them_initialised(tmp_path, tok, capsys, cls_name, lacks):
+    hf, hf_tok = bert_folder(tmp_path, tok, cls_name)
+    state, ours_tok, cfg = mb.load_source(str(tmp_path))
+    note = capsys.readouterr().out
+    assert note.startswith("note: ") and all(name in note for name in lacks) and "cls.predictions " not in note, note
+    model = mb.BERT(cfg).eval()
+    model.load_state_dict(state["model"])
+    order = torch.tensor(state["vocab_order"])
+    ids = torch.tensor([ours_tok.encode("the cat sat").ids])
+    with torch.no_grad():
+        ref = (hf.bert if cls_name == "BertForMaskedLM" else hf)(input_ids=order[ids]).last_hidden_state
+        assert (model.encode(ids, torch.zeros_like(ids))[0] - ref).abs().max() < 1e-4
+
+
+def test_init_refuses_other_architectures_and_vocabularies_in_one_line(tmp_path, tok):
+    bert_folder(tmp_path / "relu", tok, hidden_act="relu")
+    with pytest.raises(SystemExit, match="another architecture .hidden_act relu"):
+        mb.load_source(str(tmp_path / "relu"))
+    bert_folder(tmp_path / "nomask", tok)
+    vocab = (tmp_path / "nomask" / "vocab.txt").read_text().replace("[MASK]", "[unused2]")
+    (tmp_path / "nomask" / "vocab.txt").write_text(vocab)
+    with pytest.raises(SystemExit, match=r"has no \[MASK\]"):
+        mb.load_source(str(tmp_path / "nomask"))
+    with pytest.raises(SystemExit, match="offline, pass a folder"):
+        mb.load_source("nobody-here/no-such-bert")  # a hub name, with no network (or no such model)
+    bert_folder(tmp_path / "ok", tok)
+    with pytest.raises(SystemExit, match="--init .* has layers 2, not 3; drop --layers"):
+        mb.main(["train", "--init", str(tmp_path / "ok"), "--data", "x.txt", "--layers", "3", "--max_len", "24"])
+
+
+def test_init_trains_on_new_text_and_every_command_takes_the_result(tmp_path, tok, capsys, monkeypatch):
+    """train --init a transformers folder, a few steps on new text; then demo, eval, --resume, export; and finetune,
+    demo and eval straight from the transformers folder."""
+    hf, _ = bert_folder(tmp_path / "hf", tok, "BertForMaskedLM")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "new.txt").write_text(make_corpus(seed=3))
+    (tmp_path / "task.tsv").write_text("sentence\tlabel\n" + "".join(f"{t[0]}\t{y}\n" for t, y in labelled(40)))
+    small = ["--max_len", "24", "--batch_size", "4", "--device", "cpu", "--log_every", "1"]
+    mb.main(["train", "--init", "hf", "--data", "new.txt", "--max_steps", "3", "--out", "run", *small])
+    out = capsys.readouterr().out
+    recipe = next(line for line in out.splitlines() if line.startswith("recipe:"))  # not tiny's from-scratch flags:
+    assert "has no bert.pooler.dense, cls.seq_relationship:" in out and "--preset" not in recipe and "short" not in recipe
+    state = mb.load_checkpoint("run")[0]
+    assert state["step"] == 3 and state["init"] == "hf" and state["vocab_order"][:5] == [0, 3, 4, 5, 6]
+    first = mb.load_source("hf")[0]["model"]
+    assert not torch.equal(state["model"]["layers.0.qkv.weight"], first["layers.0.qkv.weight"])  # it trained
+    mb.main(["train", "--resume", "--out", "run", "--max_steps", "5", *small])
+    assert mb.load_checkpoint("run")[0]["step"] == 5
+    for argv in (["demo", "the [MASK] sat", "--ckpt", "run"], ["eval", "--data", "new.txt", "--ckpt", "run"],
+                 ["export", "--ckpt", "run", "--to", "run-hf"], ["demo", "the [MASK] sat", "--ckpt", "hf"],
+                 ["finetune", "--ckpt", "hf", "--data", "task.tsv", "--out", "ft", "--epochs", "1", "--device", "cpu"],
+                 ["eval", "--data", "task.tsv", "--ckpt", "ft"], ["export", "--ckpt", "ft", "--to", "ft-hf"]):
+        mb.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("[MASK] 1:") == 2 and "acc" in out and "mlm_loss" in out
+    import transformers
+    back = transformers.BertForPreTraining.from_pretrained("run-hf")  # the file's vocabulary order again
+    assert (tmp_path / "run-hf" / "vocab.txt").read_text() == (tmp_path / "hf" / "vocab.txt").read_text()
+    assert torch.equal(back.bert.embeddings.word_embeddings.weight[0], mb.load_checkpoint("run")[0]["model"]["tok_emb.weight"][0])
+    assert transformers.BertForSequenceClassification.from_pretrained("ft-hf").config.num_labels == 2
