@@ -402,7 +402,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pa
             torch.manual_seed(cfg.seed + rank + 1000 * step)
     if step >= total or trained >= budget:
         say(f"the run in {cfg.out}/ had finished ({step} steps, {trained / 60:.1f} min); to go on, --resume with more "
-            "--epochs, --max_steps or --budget")
+            + ("--budget" if cfg.budget else "--epochs or --max_steps"))
         return raw
     os.makedirs(cfg.out, exist_ok=True)
     say(f"model: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters | {N} training pairs per epoch, "
@@ -453,7 +453,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pa
                 say(f"step {step}/{done} | loss {m[0]:.4f} | mlm {m[1]:.4f} | nsp {m[2]:.4f} | mlm_acc {m[3]:.3f} | "
                     f"nsp_acc {m[4]:.3f} | lr {lr:.2e} | {rec['tok_per_s']:,.0f} tok/s | data {100 * t_data / dt:.1f}%")
                 if rank == 0:
-                    log(cfg.out, rec)
+                    log(cfg.out, rec, kept())
                 sums, skipped, n_steps, t_data, t0 = sums.zero_(), skipped.zero_(), 0, 0.0, time.time()
             # evaluate and checkpoint: each epoch's end, every save_every steps, the end; not counted in tokens/s
             if (evaluate_now or stop) and device.type == "cuda":
@@ -477,7 +477,7 @@ def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pa
                     "trained_s": trained, **meta}, kept())
                 saved = step
                 if ev:  # after the save: metrics.jsonl holds no evaluation that no checkpoint has
-                    log(cfg.out, {"eval": step, **ev})
+                    log(cfg.out, {"eval": step, **ev}, kept())
             t0, clock0 = t0 + time.time() - t_pause, clock0 + time.time() - t_pause
             if stop and not last_step:
                 say(f"stopped at step {step}; checkpoint saved in {cfg.out}/, continue with --resume", file=sys.stderr)
@@ -564,9 +564,12 @@ def stop_request():
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
-def log(folder, record):  # metrics.jsonl: one JSON object per log line and per evaluation
-    with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+def log(folder, record, kept):  # metrics.jsonl: one JSON object per log line and per evaluation
+    try:
+        with open(os.path.join(folder, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a full disk: one line that says which checkpoint is kept
+        die(f"cannot write {folder}/metrics.jsonl ({e.strerror}); {kept}")
 
 # ----------------------------------------------------------------------------- reading text, the corpus cache
 
@@ -625,12 +628,13 @@ def read_table(path):
         text, tsv = read_text(path), dict(delimiter="\t", quoting=csv.QUOTE_NONE)  # GLUE's .tsv quotes nothing
         rows = (list(csv.DictReader(io.StringIO(text, newline=""), **tsv if name.endswith(".tsv") else {}))
                 if name.endswith((".csv", ".tsv")) else json.loads(text) if name.endswith(".json") else
-                [json.loads(s) for s in text.splitlines() if s.strip()])  # (a field missing from a row: None)
+                json.loads("[" + ",\n".join(s if s.strip() else "null" for s in text.splitlines()) + "]"))  # JSONL:
+        # one array, line for line, so that an error names its line; (a field missing from a row: None)
     except Exception as e:  # unreadable, damaged, not what its name says
         die(f"cannot read {path} ({getattr(e, 'strerror', None) or str(e).split('. ')[0]})")
     rows = [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
     return {c: [r.get(c) for r in rows] for c in dict.fromkeys(k for r in rows for k in r if k is not None)} or die(
-        f"{path} has no rows with columns; pass a table with a header row, or a list of objects")
+        f"{path} holds no rows; pass a table: a header row, then a row per example (or a list of objects)")
 
 def read_cornell(folder):
     """Cornell Movie-Dialogs: each conversation is a document, each utterance a sentence."""
@@ -699,6 +703,8 @@ def held_out(data, cfg):
         k = max(100, -(-len(words) // 20))  # words per part: a part shorter than a pair could not make one
         docs = [[" ".join(words[i : i + k])] for i in range(0, len(words), k)]
     return *((docs, hub["validation"]) if "validation" in hub else split_docs(docs, cfg)), note
+
+VAL_PAIRS = 4096  # held-out pairs, at most, that train evaluates on (eval of the run without --data: the same)
 
 def pairs_or_die(corpus, docs, cfg, seed):
     pairs = make_pairs(corpus, docs, cfg.max_len, seed, cfg.short_seq_prob)
@@ -774,10 +780,13 @@ def load_model(folder, device):  # for demo, eval and export: the model (a BERT 
 
 TEXT_COLUMNS = [("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
                 ("premise", "hypothesis"), ("sentence",), ("text",)]  # GLUE's files, and the common names
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a label: "4.2", "1.0", "-1" (not "nan")
 
-def read_labelled(path, cols=None, label="label", names=None):
-    """A table (read_table) -> rows ((one or two texts), label id), label names, text columns, rows skipped.
-    cols: text columns; names: the labels a model knows (else the file's, sorted; as numbers if all are integers)."""
+def read_labelled(path, cols=None, label="label", names=None, task=None):
+    """A table (read_table) -> rows ((one or two texts), label), label names, text columns, rows skipped, task. The task
+    (None: from the labels) is "regression" if the labels are all numbers, not all integers (STS-B's 0.0-5.0): the
+    label is a float and names is [label]; else "classification": a label id, names the labels a model knows (else the
+    file's, sorted), "1.0" the class "1". cols: text columns."""
     if not unpacked(path).endswith(TABLES):
         die(f"{path} is not a table; pass a .tsv, .csv, .jsonl, .json or .parquet file with a label column")
     table = read_table(path)  # {column: values}
@@ -786,13 +795,21 @@ def read_labelled(path, cols=None, label="label", names=None):
         die(f"{path} has the columns {', '.join(table)}: it needs a {label!r} column (--label_col) and one or two "
             "text columns (--text_cols; found by name: sentence, text, sentence1/sentence2, question/sentence...)")
     kept = [f for f in ([str(v).strip() if v is not None else "" for v in r] for r in zip(*(table[c] for c in
-            (*cols, label)))) if all(f)]  # rows with a field empty or missing are skipped
-    labels = {f[-1] for f in kept}
-    names = names or sorted(labels, key=int if all(v.lstrip("-").isdigit() for v in labels) else str)
-    if unknown := labels - set(names):
+            (*cols, label)))) if all(f) and f != [*cols, label]]  # skipped: a field empty; a header again (cat a b)
+    skipped = len(table[label]) - len(kept) if kept else die(f"{path} has no labelled rows (each has a field empty)")
+    value = {f[-1]: float(f[-1]) if NUMBER.fullmatch(f[-1]) else None for f in kept}  # each label's number, or None
+    numbers = None not in value.values()
+    task = task or ("regression" if numbers and any(x % 1 for x in value.values()) else "classification")
+    if task == "regression" and not numbers:
+        die(f"{path}: regression needs a number in each {label!r}, not {min(v for v in value if value[v] is None)}")
+    if task == "regression":
+        return [(tuple(f[:-1]), value[f[-1]]) for f in kept], [label], cols, skipped, task
+    name = {v: str(int(x)) if numbers and x % 1 == 0 else v for v, x in value.items()}  # "1.0", "1" -> the class "1"
+    names = names or sorted(set(name.values()), key=float if numbers else str)
+    if unknown := set(name.values()) - set(names):
         die(f"{path} has the label(s) {', '.join(sorted(unknown))}, which the model was not trained on "
             f"(its labels: {', '.join(names)})")
-    return [(tuple(f[:-1]), names.index(f[-1])) for f in kept], names, cols, len(table[label]) - len(kept)
+    return [(tuple(f[:-1]), names.index(name[f[-1]])) for f in kept], names, cols, skipped, task
 
 def encode_rows(tok, rows, max_len):
     """rows (texts, label) -> ((ids, segment ids), label), cut to max_len tokens; and how many were cut."""
@@ -808,21 +825,41 @@ def padded(rows, device):
     return tuple(torch.tensor(t, device=device) for t in (ids, seg, [y for _, y in rows]))
 
 def classify_loss(model, ids, seg, y, n):
-    """Cross-entropy summed over the batch, over n (as pretraining_loss). -> the loss, and (loss, accuracy)."""
+    """Cross-entropy, or for a float y (regression: one output) squared error, summed over the batch, over n (as
+    pretraining_loss). -> the loss, and (loss, accuracy), or (loss,)."""
     with autocast(ids.device):
-        logits = model(ids, seg)  # (B, labels)
-    loss = F.cross_entropy(logits.float(), y, reduction="sum") / n
+        logits = model(ids, seg).float()  # (B, labels)
+    if y.is_floating_point():  # as BertForSequenceClassification with num_labels 1
+        loss = F.mse_loss(logits[:, 0], y, reduction="sum") / n
+        return loss, loss[None].detach()
+    loss = F.cross_entropy(logits, y, reduction="sum") / n
     return loss, torch.stack([loss, (logits.argmax(-1) == y).sum() / n]).detach()
 
+def ranks(v):  # (N,) -> (N,) each value's rank from 0; tied values share their mean rank, as Spearman's needs
+    _, group, count = v.unique(return_inverse=True, return_counts=True)  # by distinct value, in order
+    return (count.cumsum(0) - (count + 1) / 2)[group]  # (N,)
+
+correlation = lambda a, b: torch.corrcoef(torch.stack([a, b]))[0, 1].item()  # Pearson's, of two (N,) tensors
+
 @torch.no_grad()
-def evaluate_classifier(model, rows, device):  # -> mean loss and accuracy
-    was_training, n = model.training, len(rows)
-    s = sum(classify_loss(model.eval(), *padded(rows[i : i + 256], device), n)[1] for i in range(0, n, 256))
+def evaluate_classifier(model, rows, device):
+    """-> mean loss and accuracy; for regression, mean squared error and Pearson's and Spearman's correlation."""
+    was_training, model = model.training, model.eval()
+    with autocast(torch.device(device)):  # 256 rows at a time
+        out = torch.cat([model(*padded(rows[i : i + 256], device)[:2]).float() for i in range(0, len(rows), 256)])
     model.train(was_training)
-    return dict(zip(("loss", "acc"), s.tolist()))
+    y = torch.tensor([y for _, y in rows], device=out.device)  # (N,)
+    if y.is_floating_point():
+        p = out[:, 0]  # (N,) the predicted numbers
+        return {"mse": F.mse_loss(p, y).item(), "pearson": correlation(p, y),
+                "spearman": correlation(ranks(p), ranks(y))}  # Spearman's: Pearson's of the ranks
+    return {"loss": F.cross_entropy(out, y).item(), "acc": (out.argmax(-1) == y).float().mean().item()}
+
+scores = lambda m: " | ".join(f"{k} {v:.4f}" for k, v in m.items())  # "loss 0.4012 | acc 0.8125"
 
 def finetune(cfg, model, tok, rows, val, meta, stop_at=None):
-    """Train a Classifier on rows (train_step, lr_at); evaluate on val after each epoch; keep the best, with meta."""
+    """Train a Classifier on rows (train_step, lr_at); evaluate on val after each epoch; keep the best (accuracy, or
+    for regression the least squared error), with meta."""
     device, B, N = torch.device(cfg.device), cfg.batch_size, len(rows)
     optimizer, gen = make_optimizer(model.to(device).train(), cfg), torch.Generator().manual_seed(cfg.seed)
     total, step, best = cfg.epochs * math.ceil(N / B), 0, None
@@ -834,24 +871,25 @@ def finetune(cfg, model, tok, rows, val, meta, stop_at=None):
                 stats, _ = train_step(model, optimizer, classify_loss, batch, lr, cfg, norms=(len(batch[2]),))
                 sums, n, step, stop = sums + stats, n + 1, step + 1, stopped[0] or step + 1 == stop_at
                 if step % cfg.log_every == 0 or stop:
-                    loss, acc = (sums / n).tolist()
-                    print(f"step {step}/{total} | loss {loss:.4f} | acc {acc:.3f} | lr {lr:.2e}" +
-                          " | warning: a non-finite loss; lower --lr" * (not math.isfinite(loss)))
+                    loss, *acc = (sums / n).tolist()  # (no accuracy for regression)
+                    print(f"step {step}/{total} | loss {loss:.4f}{''.join(f' | acc {a:.3f}' for a in acc)} | lr "
+                          f"{lr:.2e}" + " | warning: a non-finite loss; lower --lr" * (not math.isfinite(loss)))
                     sums, n = 0, 0
                 if stop:
                     break
-            m = {"epoch": round(step / total * cfg.epochs, 2), "s": round(time.time() - t0),
-                 **evaluate_classifier(model, val, device)}
-            print(f"eval (epoch {m['epoch']:g}, {m['s']} s) step {step}: loss {m['loss']:.4f} | acc {m['acc']:.4f}")
-            log(cfg.out, {"eval": step, **m})
-            if best is None or m["acc"] > best["acc"]:  # the model kept is the best epoch's
+            ev = evaluate_classifier(model, val, device)
+            m = {"epoch": round(step / total * cfg.epochs, 2), "s": round(time.time() - t0), **ev}
+            print(f"eval (epoch {m['epoch']:g}, {m['s']} s) step {step}: {scores(ev)}")
+            kept = f"epoch {best[1]['epoch']:g}'s model is kept" if best else "no checkpoint was written"
+            log(cfg.out, {"eval": step, **m}, kept)
+            score = ev["acc"] if "acc" in ev else -ev["mse"]  # regression: the least squared error
+            if best is None or score > best[0]:  # the model kept is the best epoch's
                 save_checkpoint(os.path.join(cfg.out, "model.pt"), {"model": model.state_dict(), "eval": m, **meta,
-                                "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()},
-                                f"epoch {best['epoch']:g}'s model is kept" if best else "no checkpoint was written")
-                best = m
+                                "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str()}, kept)
+                best = score, m, ev
             if stop:  # the best epoch so far is saved; main says "interrupted", exit status 130
                 raise KeyboardInterrupt
-    print(f"done: the best epoch, {best['epoch']:g} (held-out accuracy {best['acc']:.4f}), is in {cfg.out}/model.pt; "
+    print(f"done: the best epoch, {best[1]['epoch']:g} (held-out {scores(best[2])}), is in {cfg.out}/model.pt; "
           f"try: python minibert.py demo \"a text\" --ckpt {cfg.out}")
 
 # ----------------------------------------------------------------------------- bench
@@ -940,6 +978,8 @@ def export_hf(folder, to):
     model, tok, cfg, state = load_model(folder, "cpu")  # another version's checkpoint: one line, nothing written
     labels, sd = state.get("labels"), model.state_dict()
     arch = "BertForSequenceClassification" if labels else "BertForPreTraining"  # the first without "cls." heads
+    if there := [f for f in ("config.json", "model.safetensors", "tokenizer.json") if os.path.exists(Path(to, f))]:
+        die(f"--to {to} already holds {', '.join(there)}; export overwrites nothing: pick a new folder")
     try:
         os.makedirs(to, exist_ok=True)
     except OSError as e:
@@ -949,6 +989,8 @@ def export_hf(folder, to):
     vocab = [tok.id_to_token(i) for i in back.tolist()]  # in the file's order
     config = {"architectures": [arch], **BERT_ONLY, **{k: getattr(cfg, v) for k, v in HF_CONFIG.items()},
               "pad_token_id": vocab.index("[PAD]"), "tie_word_embeddings": True}
+    if state.get("task") == "regression":
+        config["problem_type"] = "regression"  # (num_labels 1)
     if labels:
         config |= {"id2label": dict(enumerate(labels)), "label2id": {v: i for i, v in enumerate(labels)}}
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_len,  # as trained
@@ -1007,7 +1049,7 @@ def load_hf(folder):
     torch.manual_seed(0)
     sd = BERT(cfg).state_dict()  # what the folder lacks keeps these initial weights
     ours = {k: v for k, v in from_hf_state_dict(hf, cfg).items() if k in sd}  # (a classifier's head is not BERT's)
-    lacks = {k: theirs[0].rsplit(".", 1)[0] for k, theirs in hf_pairs(cfg) if k in sd.keys() - ours - {"decoder.weight"}}
+    lacks = {k: t[0].rsplit(".", 1)[0] for k, t in hf_pairs(cfg) if k in sd.keys() - ours - {"decoder.weight"}}
     if encoder := [v for k, v in lacks.items() if not k.startswith(("pool", "nsp_head", "mlm_", "decoder."))]:
         die(f"{folder} has no {', '.join(dict.fromkeys(encoder))}: not a BERT's weights")
     if lacks:
@@ -1056,11 +1098,11 @@ def add_config_flags(p, names=None, defaults={}):
         p.add_argument("--preset", choices=list(PRESETS), help=f"model size and its learning rate: {presets}; "
                        "explicit flags (--layers, --lr, ...) win (default mini)")
 
-RULES = [("layers hidden heads ffn max_position max_len batch_size grad_accum epochs lr log_every save_every init_std",
+RULES = [("layers hidden heads ffn max_position max_len batch_size grad_accum epochs lr log_every save_every",
           lambda v: 0 < v < math.inf, "must be positive and finite"),
          ("vocab_size", lambda v: v > len(SPECIALS), f"must exceed the {len(SPECIALS)} special tokens"),
          ("dropout short_seq_prob short_share warmup val_share beta2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-         ("mask_prob", lambda v: 0 < v < 1, "must be in (0, 1)"),
+         ("mask_prob init_std", lambda v: 0 < v < 1, "must be in (0, 1)"),
          ("max_steps budget weight_decay grad_clip", lambda v: 0 <= v < math.inf, "must be finite, not negative")]
 
 def build_config(args, base=None, world=1):
@@ -1117,6 +1159,8 @@ def cmd_train(args):
             die("--resume goes on with the run in --out, --init starts a new one: drop one of them")
         resume, tok, saved = load_checkpoint(out)
         args.data = args.data or resume.get("data")  # the run's files (none: the hub's dataset)
+        if "labels" in resume:  # (a fine-tuned model keeps no optimizer, no step)
+            die(f"{out}/ holds a fine-tuned model, which cannot go on; --resume goes on with a train run's --out")
     elif os.path.exists(os.path.join(out, "model.pt")):
         die(f"{out}/ already holds a checkpoint; continue it with --resume, or pick a new folder with --out")
     if args.init:  # a new run from a pretrained BERT: its shape, weights and tokenizer; a new optimizer and schedule
@@ -1143,6 +1187,11 @@ def cmd_train(args):
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)[0] if resume is None else die("--resume goes on with the run's tokenizer; "
                                                                         "drop --tokenizer")
+        if args.vocab_size not in (None, tok.get_vocab_size()):
+            die(f"--tokenizer {args.tokenizer} has {tok.get_vocab_size()} tokens, not --vocab_size; drop --vocab_size")
+    if cfg.budget and (args.max_steps or args.epochs):  # (a CPU run's default --budget 15 gives way to either)
+        flag = "--max_steps" if args.max_steps else "--epochs"
+        die(f"{flag} and --budget {cfg.budget:g} (yours or the run's) both set the length: pass one, or --budget 0")
     if cfg.budget and world > 1:
         die("--budget runs in one process (the ranks' clocks would disagree); under torchrun, use --max_steps")
     torch.backends.cuda.matmul.allow_tf32 = True  # on CUDA, for what autocast leaves in fp32
@@ -1161,9 +1210,11 @@ def cmd_train(args):
         die(f"--resume: this text is not the run's ({' '.join(resume.get('data') or [cfg.dataset])}); pass the run's "
             "--data, unchanged")
     n = len(train_docs)
-    val_pairs = make_pairs(corpus, range(n, n + len(val_docs)), cfg.max_len, cfg.seed + 1, cfg.short_seq_prob)[:4096]
+    val_pairs = make_pairs(corpus, range(n, n + len(val_docs)), cfg.max_len, cfg.seed + 1,
+                           cfg.short_seq_prob)[:VAL_PAIRS]
     pairs0 = pairs_or_die(corpus, range(n), cfg, cfg.seed)  # A and IsNext's B: distinct tokens, in place
     cover = float(pairs0[:, 1].sum() + pairs0[:, 3][pairs0[:, 4] == 0].sum()) / int(corpus.sents[corpus.docs[n]])
+    unk = (corpus.ids == UNK).sum().item() / len(corpus.ids)  # a hand-made --tokenizer's vocabulary may lack words
     if rank == 0:
         print(f"data: {time.time() - t0:.1f} s{' (corpus cached)' * cached} | "
               f"{n} documents{note} and {len(val_docs)} held out, {len(corpus.ids):,} tokens in all, an epoch's "
@@ -1172,7 +1223,8 @@ def cmd_train(args):
         for why in [f"an epoch's pairs use only {cover:.0%} of the training tokens: a document of one sentence is only "
                     "a NotNext partner; give documents of several sentences"] * (cover < 0.5) + [
                     "no pairs are held out (that needs 8 documents or more, and --val_share > 0): nothing evaluates "
-                    "this run"] * (not len(val_pairs)):
+                    "this run"] * (not len(val_pairs)) + [f"{unk:.0%} of the tokens are [UNK]: --tokenizer lacks this "
+                    "text's words; drop it (a new one is trained on the text)"] * (unk > 0.05 and bool(args.tokenizer)):
             print(f"warning: {why}", file=sys.stderr)
     train(cfg, tok, corpus, range(n), val_pairs if len(val_pairs) else None, resume, pairs0=pairs0, init=init,
           meta={"data": args.data and [os.path.abspath(p) for p in args.data], "data_hash": digest,
@@ -1181,13 +1233,18 @@ def cmd_train(args):
 
 def cmd_demo(args):
     model, tok, cfg, state = load_model(args.ckpt, resolve_device(args.device))
-    if "labels" in state:  # a classifier: each label's probability
-        if len(args.text) > 2:
-            die("a classifier reads one text or a pair: put each in quotes")
-        ids, seg, _ = padded(encode_rows(tok, [(tuple(args.text), 0)], cfg.max_len)[0], model.classifier.bias.device)
+    if "labels" in state:  # a classifier: each label's probability; regression: the predicted number
+        if len(args.text) != len(state["columns"]) - 1:  # its text columns: one, or a pair
+            die(f"this model reads {len(state['columns']) - 1} text(s) ({' + '.join(state['columns'][:-1])}), not "
+                f"{len(args.text)}: put each text in quotes")
+        rows, cut = encode_rows(tok, [(tuple(args.text), 0)], cfg.max_len)
+        if cut:  # (as fine-tuning cut its rows)
+            print(f"warning: the text is cut to the model's {cfg.max_len} tokens", file=sys.stderr)
         with torch.no_grad():
-            probs = model(ids, seg)[0].float().softmax(-1).tolist()
-        return print("  ".join(f"{name} {p:.3f}" for name, p in zip(state["labels"], probs)))
+            out = model(*padded(rows, model.classifier.bias.device)[:2])[0].float()  # (labels,)
+        if state.get("task") == "regression":
+            return print(f"{state['labels'][0]} {out[0]:.3f}")
+        return print("  ".join(f"{name} {p:.3f}" for name, p in zip(state["labels"], out.softmax(-1).tolist())))
     text = re.sub(r"\[mask\]", "[MASK]", " ".join(args.text), flags=re.IGNORECASE)  # [mask] is meant too
     if "[MASK]" not in text:
         die('the text has no [MASK]; try: python minibert.py demo "the [MASK] sat on the mat ."')
@@ -1198,16 +1255,23 @@ def cmd_demo(args):
 
 def cmd_eval(args):
     model, tok, cfg, state = load_model(args.ckpt, device := resolve_device(args.device))
-    if "labels" in state:  # a classifier: its accuracy on a labelled file
-        if not args.data:
-            die(f"{args.ckpt} is a classifier: pass --data FILE (.tsv or .csv) with its columns {state['columns']}")
-        rows = read_labelled(args.data[0], state["columns"][:-1], state["columns"][-1], state["labels"])[0]
-        m = {**evaluate_classifier(model, encode_rows(tok, rows, cfg.max_len)[0], device), "examples": len(rows)}
-        return print(json.dumps(m) if args.json else f"{len(rows)} examples | acc {m['acc']:.4f} | "
-                     f"loss {m['loss']:.4f}")
-    docs = read_corpus(args.data) if args.data else held_out(state.get("data"), cfg)[1]  # the run's held-out text
+    if "labels" in state:  # a classifier: its scores on each labelled file, a line each
+        cols, label = args.text_cols or state["columns"][:-1], args.label_col or state["columns"][-1]
+        if not args.data or len(cols) != len(state["columns"]) - 1:
+            die(f"{args.ckpt} is fine-tuned on the columns {', '.join(state['columns'])}: pass --data FILE ... with "
+                "them (else --text_cols, as many, and --label_col)")
+        for path in args.data:
+            rows = read_labelled(path, cols, label, state["labels"], state.get("task", "classification"))[0]
+            m = evaluate_classifier(model, encode_rows(tok, rows, cfg.max_len)[0], device)
+            print(json.dumps({"data": path, "examples": len(rows), **m}) if args.json else
+                  f"{path}: {len(rows)} examples | {scores(m)}")
+        return
+    if args.text_cols or args.label_col:
+        die(f"--text_cols and --label_col are for a fine-tuned model; {args.ckpt} is pretrained: drop them")
+    every = dataclasses.replace(cfg, val_share=0)  # --data: all of it (one document cut in parts, as train cuts it)
+    docs = held_out(args.data, every)[0] if args.data else held_out(state.get("data"), cfg)[1]  # else train's held-out
     corpus = cached_corpus(tok, docs, args.ckpt, save="hf" not in state)[0]  # (not into a transformers folder)
-    pairs = pairs_or_die(corpus, range(len(docs)), cfg, cfg.seed + 1)
+    pairs = pairs_or_die(corpus, range(len(docs)), cfg, cfg.seed + 1)[: None if args.data else VAL_PAIRS]
     m = {**evaluate(model, corpus.ids.to(device), pairs.to(device), cfg), "pairs": len(pairs)}
     print(json.dumps(m) if args.json else f"{len(pairs)} pairs | mlm_loss {m['mlm_loss']:.4f} | "
           f"mlm_acc {m['mlm_acc']:.4f} | nsp_acc {m['nsp_acc']:.4f} | top_share {m['top_share']:.2f}")
@@ -1223,23 +1287,29 @@ def cmd_finetune(args):
     cfg = build_config(args, dataclasses.replace(saved, lr=lr, device="auto", out="finetuned", **FINETUNE))
     if os.path.exists(os.path.join(cfg.out, "model.pt")):
         die(f"{cfg.out}/ already holds a checkpoint; pick a new folder with --out")
-    rows, names, cols, skipped = read_labelled(args.data, args.text_cols, args.label_col)
-    if len(names) < 2:
-        die(f"{args.data} has one label only ({names[0] if names else 'no rows'}); a classifier needs two or more")
-    rows, held = (rows, read_labelled(args.val, cols, args.label_col, names)[0]) if args.val else split_docs(rows, cfg)
+    label = args.label_col or "label"
+    rows, names, cols, skipped, task = read_labelled(args.data, args.text_cols, label, task=args.task)
+    values = sorted({y for _, y in rows})  # label ids, or numbers
+    if len(values) < 2:
+        die(f"{args.data} has one label only ({names[values[0]] if task == 'classification' else values[0]}); "
+            "fine-tuning needs two or more")
+    rows, held = (rows, read_labelled(args.val, cols, label, names, task)[0]) if args.val else split_docs(rows, cfg)
     if not held:  # (split_docs: a seeded share of the rows, if there are 8 or more)
-        die(f"{args.val or args.data} has too few rows to hold some out; pass --val FILE")
+        die(f"--val_share is 0; pass --val FILE, or --val_share 0.1" if not cfg.val_share else
+            f"{args.data} has {len(rows)} labelled rows, too few to hold some out (8 or more); pass --val FILE")
     (rows, cut), (held, cut_held) = encode_rows(tok, rows, cfg.max_len), encode_rows(tok, held, cfg.max_len)
-    print(f"data: {len(rows)} training and {len(held)} held-out examples | labels {', '.join(names)} | text "
-          f"{' + '.join(cols)} | {cut + cut_held} cut to {cfg.max_len} tokens | {skipped} rows skipped (a field empty "
-          f"or missing)\n{'random initialisation (--scratch)' if args.scratch else f'from {args.ckpt}'} | config: "
+    what = f"labels {', '.join(names)}"  # or, for regression, the range of the numbers
+    what = f"regression: {label} {values[0]:g} to {values[-1]:g}" if task == "regression" else what
+    print(f"data: {len(rows)} training and {len(held)} held-out examples | {what} | text {' + '.join(cols)} | "
+          f"{cut + cut_held} cut to {cfg.max_len} tokens | {skipped} rows skipped (a field empty or missing, or a "
+          f"header again)\n{'random initialisation (--scratch)' if args.scratch else f'from {args.ckpt}'} | config: "
           f"{json.dumps(dataclasses.asdict(cfg))}")
     torch.manual_seed(cfg.seed)
     model = Classifier(cfg, len(names))
     if not args.scratch:
         load_weights(model.bert, state, args.ckpt)
     lock = writable(cfg.out)  # (held to the end)
-    finetune(cfg, model, tok, rows, held, {"labels": names, "columns": [*cols, args.label_col],
+    finetune(cfg, model, tok, rows, held, {"labels": names, "columns": [*cols, label], "task": task,
                                            "vocab_order": state.get("vocab_order")})  # (export: the file's order)
 
 def cmd_bench(args):
@@ -1257,7 +1327,7 @@ def main(argv=None):
                 "demo": (cmd_demo, "fill in the [MASK]s of a sentence"),
                 "eval": (cmd_eval, "MLM loss/accuracy and NSP accuracy on a text"),
                 "export": (lambda a: export_hf(a.ckpt, a.to), "write a Hugging Face transformers folder"),
-                "finetune": (cmd_finetune, "fine-tune a pretrained checkpoint to classify texts or text pairs")}
+                "finetune": (cmd_finetune, "fine-tune a checkpoint to classify or score (regression) texts or pairs")}
     t, b, d, e, x, f = (sub.add_parser(name, allow_abbrev=False, help=h) for name, (_, h) in commands.items())
     for q in (t, b):
         add_config_flags(q)
@@ -1279,8 +1349,11 @@ def main(argv=None):
     f.add_argument("--data", required=True, metavar="FILE", help="labelled texts: .tsv, .csv (a header row, as "
                    "GLUE's), .jsonl, .json or .parquet")
     f.add_argument("--val", metavar="FILE", help="held-out data, as --data (default: --val_share of --data's rows)")
-    f.add_argument("--text_cols", nargs="+", metavar="COL", help="the text column, or two (default: found by name)")
-    f.add_argument("--label_col", default="label", metavar="COL", help="the label column (default label)")
+    for q in (e, f):  # (eval: of a fine-tuned model, whose files may name their columns otherwise)
+        q.add_argument("--text_cols", nargs="+", metavar="COL", help="the text column, or two (default: by name)")
+        q.add_argument("--label_col", metavar="COL", help="the label column (default label; eval: the model's)")
+    f.add_argument("--task", choices=["classification", "regression"], help="default: regression if the labels are "
+                   "all numbers, not all integers (STS-B: one output, squared error), else classification")
     f.add_argument("--scratch", action="store_true", help="random weights: the baseline for what pretraining buys")
     for q in (d, e, x, f):
         q.add_argument("--ckpt", default="out", metavar="DIR", help="checkpoint folder (default out)")
@@ -1292,6 +1365,8 @@ def main(argv=None):
     for name in ("top_k", "steps"):
         if getattr(args, name, 1) < 1:
             die(f"--{name} must be positive, not {getattr(args, name)}")
+    if len(getattr(args, "text_cols", None) or ()) > 2:
+        die(f"--text_cols takes a text column or two (a pair), not {len(args.text_cols)}")
     try:
         commands[args.cmd][0](args)
     except KeyboardInterrupt:

@@ -761,8 +761,66 @@ def cli(tmp_path_factory):
     half_cornell = d / "cornell"  # movie_lines.txt without movie_conversations.txt
     half_cornell.mkdir()
     (half_cornell / "movie_lines.txt").write_text("L1 +++$+++ u0 +++$+++ m0 +++$+++ A +++$+++ Hi .\n")
+    # issue 28: tables of every shape; a regression checkpoint; a full disk; a budgeted run
+    rng = random.Random(0)  # STS-B's shape: scores 0.0-5.0, "bright" high, "dark" low
+    (d / "scores.tsv").write_text("sentence\tlabel\n" + "".join(f"{t[0]}\t{(4.0 if y else 1.0) + rng.choice([-0.4, 0, 0.6]):.1f}\n"
+                                                             for t, y in labelled(48)))
+    ints = [f"{t[0]}\t{y}{'.0' * (i % 2)}" for i, (t, y) in enumerate(labelled(40))]  # "1.0" is the class "1"
+    (d / "ints.tsv").write_text("\n".join(["sentence\tlabel", *ints[:20], "sentence\tlabel", *ints[20:]]) + "\n")  # two files, cat
+    (d / "more.tsv").write_text("sentence\tlabel\n" + "".join(f"{t[0]}\t{'pos' if y else 'neg'}\n" for t, y in labelled(7, 1)))
+    (d / "reviews.tsv").write_text("review\tstars\n" + "".join(f"{t[0]}\t{'pos' if y else 'neg'}\n" for t, y in labelled(9)))
+    (d / "header_only.tsv").write_text("sentence\tlabel\n")
+    (d / "no_rows.tsv").write_text("sentence\tlabel\n\tpos\n")
+    (d / "damaged.jsonl").write_text('{"text": "a", "label": 1}\n\n{"text": "b, "label": 0}\n')  # line 3
+    (d / "hand_vocab.txt").write_text("\n".join([*mb.SPECIALS, "the", "cat", "."]) + "\n")
+    (d / "one_line.txt").write_text(" ".join(" ".join(a) for a in articles) + "\n")  # one document: cut, as train cuts it
+    (d / "exported_before").mkdir()
+    (d / "exported_before" / "config.json").write_text("mine")
+    for name in ("full", "full_ft"):  # metrics.jsonl on a full disk
+        (d / name).mkdir()
+        os.symlink("/dev/full", d / name / "metrics.jsonl")
+    shutil.copytree(ckpt, d / "budgeted")  # a --budget run, finished
+    state = torch.load(d / "budgeted" / "model.pt", weights_only=True)
+    state["config"]["budget"] = 0.001
+    torch.save(state, d / "budgeted" / "model.pt")
+    (d / "reg").mkdir()  # a regression model (untrained: demo, eval and export read it)
+    cfg = mb.Config(**state["config"])
+    reg = mb.Classifier(cfg, 1)
+    torch.save({"model": reg.state_dict(), "config": state["config"], "tokenizer": state["tokenizer"], "labels": ["label"],
+                "columns": ["sentence", "label"], "task": "regression"}, d / "reg" / "model.pt")
     c, task = str(corpus), str(d / "task.tsv")
     cases = {
+        "ft_regression": ["finetune", "--ckpt", ckpt, "--data", str(d / "scores.tsv"), "--out", str(d / "f_reg"), "--epochs", "1",
+                          "--batch_size", "8"],
+        "ft_int_labels": ["finetune", "--ckpt", ckpt, "--data", str(d / "ints.tsv"), "--out", str(d / "f_int"), "--epochs", "1",
+                          "--batch_size", "8"],
+        "reg_demo": ["demo", "a bright day", "--ckpt", str(d / "reg")],
+        "reg_eval": ["eval", "--data", str(d / "scores.tsv"), "--ckpt", str(d / "reg")],
+        "reg_export": ["export", "--ckpt", str(d / "reg"), "--to", str(d / "reg_hf")],
+        "ft_eval_two": ["eval", "--data", task, str(d / "more.tsv"), "--ckpt", ft, "--json"],
+        "ft_eval_other_cols": ["eval", "--data", str(d / "reviews.tsv"), "--ckpt", ft, "--text_cols", "review", "--label_col",
+                               "stars"],
+        "ft_demo_long": ["demo", "a bright day " * 30, "--ckpt", ft],
+        "ft_demo_pair": ["demo", "a bright day", "the dark night", "--ckpt", ft],
+        "ft_three_text_cols": ["finetune", "--ckpt", ckpt, "--data", task, "--text_cols", "a", "b", "c", "--out", str(d / "f10")],
+        "ft_header_only": ["finetune", "--ckpt", ckpt, "--data", str(d / "header_only.tsv"), "--out", str(d / "f11")],
+        "ft_damaged_jsonl": ["finetune", "--ckpt", ckpt, "--data", str(d / "damaged.jsonl"), "--out", str(d / "f12")],
+        "ft_val_share_zero": ["finetune", "--ckpt", ckpt, "--data", task, "--val_share", "0", "--out", str(d / "f13")],
+        "ft_val_no_rows": ["finetune", "--ckpt", ckpt, "--data", task, "--val", str(d / "no_rows.tsv"), "--out", str(d / "f14")],
+        "ft_full_disk": ["finetune", "--ckpt", ckpt, "--data", task, "--out", str(d / "full_ft"), "--epochs", "1"],
+        "full_disk_log": ["train", "--data", c, "--preset", "tiny", "--vocab_size", "300", "--max_len", "48", "--max_steps", "2",
+                          "--log_every", "1", "--out", str(d / "full")],
+        "budget_and_max_steps": ["train", "--data", c, "--budget", "1", "--max_steps", "10", "--out", str(d / "o20")],
+        "resume_budget_max_steps": ["train", "--resume", "--out", str(d / "budgeted"), "--max_steps", "400"],
+        "resume_budget_finished": ["train", "--resume", "--out", str(d / "budgeted")],
+        "tok_hand_vocab": ["train", "--data", c, "--tokenizer", str(d / "hand_vocab.txt"), "--preset", "tiny", "--max_len", "48",
+                           "--max_steps", "1", "--out", str(d / "o21")],
+        "tok_vocab_size": ["train", "--data", c, "--tokenizer", ckpt, "--vocab_size", "30000", "--out", str(d / "o22")],
+        "init_std_huge": ["train", "--data", c, "--init_std", "1000", "--out", str(d / "o23")],
+        "resume_finetuned": ["train", "--data", c, "--resume", "--out", ft],
+        "eval_one_line": ["eval", "--data", str(d / "one_line.txt"), "--ckpt", ckpt, "--json"],
+        "eval_pretrained_cols": ["eval", "--data", c, "--ckpt", ckpt, "--label_col", "stars"],
+        "export_over_files": ["export", "--ckpt", ckpt, "--to", str(d / "exported_before")],
         "ft_demo": ["demo", "a bright day", "--ckpt", ft],
         "ft_eval": ["eval", "--data", task, "--ckpt", ft, "--json"],
         "ft_export": ["export", "--ckpt", ft, "--to", str(d / "ft_hf")],
@@ -955,7 +1013,18 @@ def test_cli_resume_and_eval_find_the_runs_text(cli):
     code, out, err = cli["eval_held_out"]
     assert code == 0, err
     assert json.loads(out)["pairs"] == held > 0
+    end = [r for r in map(json.loads, open(os.path.join(cli["ckpt"], "metrics.jsonl"))) if "eval" in r][-1]
+    assert abs(json.loads(out)["mlm_loss"] - end["mlm_loss"]) < 1e-5  # the pairs and masks train's evaluation had
     assert "had finished" in cli["resume_finished"][1]
+
+
+def test_eval_of_the_run_cuts_its_pairs_as_train_does(cli, monkeypatch, capsys):
+    monkeypatch.setattr(mb, "VAL_PAIRS", 3)  # (4,096: more than this corpus has)
+    try:
+        mb.main(["eval", "--ckpt", cli["ckpt"], "--json"])
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert json.loads(capsys.readouterr().out)["pairs"] == 3
 
 
 def test_cli_data_given_twice_reads_both(cli):
@@ -1043,8 +1112,61 @@ def test_cli_finetune_then_demo_eval_export(cli):
     assert config["architectures"] == ["BertForSequenceClassification"] and config["id2label"] == {"0": "neg", "1": "pos"}
 
 
+def test_cli_regression_finetune_eval_demo_export(cli):
+    """STS-B's shape (scores, not all integers): one output, squared error; eval prints MSE and Pearson's and
+    Spearman's correlation, demo the number, export transformers' regression config (num_labels 1)."""
+    code, out, err = cli["ft_regression"]
+    assert code == 0, err
+    assert "| regression: label 0.6 to 4.6 |" in out and re.search(r"step 6: mse [\d.]+ \| pearson -?[\d.]+ \| spearman", out), out
+    state = mb.load_checkpoint(str(cli["out"] / "f_reg"))[0]
+    assert state["task"] == "regression" and state["labels"] == ["label"] and len(state["model"]["classifier.bias"]) == 1
+    code, out, err = cli["reg_demo"]
+    assert code == 0 and re.fullmatch(r"label -?\d+\.\d{3}\n", out), err
+    code, out, err = cli["reg_eval"]
+    assert code == 0 and re.fullmatch(r".*scores.tsv: 48 examples \| mse [\d.]+ \| pearson -?[\d.]+ \| spearman -?[\d.]+\n", out), err
+    config = json.load(open(cli["out"] / "reg_hf" / "config.json"))
+    assert config["problem_type"] == "regression" and config["id2label"] == {"0": "label"}
+
+
+def test_cli_tables_as_users_have_them(cli):
+    """Integer labels written "1.0" are the class "1"; a header repeated mid-file (files joined with cat) is skipped;
+    eval scores every --data file, a line each, and takes the columns' names; a long text in demo is cut, and says so."""
+    code, out, err = cli["ft_int_labels"]
+    assert code == 0 and "labels 0, 1 |" in out and "| 1 rows skipped" in out, err
+    code, out, err = cli["ft_eval_two"]
+    lines = [json.loads(s) for s in out.splitlines()]
+    assert code == 0 and [(os.path.basename(m["data"]), m["examples"]) for m in lines] == [("task.tsv", 61), ("more.tsv", 7)]
+    code, out, err = cli["ft_eval_other_cols"]
+    assert code == 0 and re.fullmatch(r".*reviews.tsv: 9 examples \| loss [\d.]+ \| acc [\d.]+\n", out), err
+    code, out, err = cli["ft_demo_long"]
+    assert code == 0 and out.startswith("neg ") and "warning: the text is cut to the model's 48 tokens" in err
+
+
+def test_cli_runs_say_what_they_do(cli):
+    """A hand-made --tokenizer that lacks the text's words warns; a finished --budget run says to give more --budget;
+    eval, as train, cuts one document in parts; nothing is overwritten by export or lost to a full disk."""
+    code, out, err = cli["tok_hand_vocab"]
+    assert code == 0 and "of the tokens are [UNK]: --tokenizer lacks this text's words" in err, err
+    code, out, err = cli["resume_budget_finished"]
+    assert code == 0 and "had finished" in out and "--resume with more --budget\n" in out, err
+    code, out, err = cli["eval_one_line"]
+    assert code == 0 and json.loads(out)["pairs"] > 0, err
+    assert open(cli["out"] / "exported_before" / "config.json").read() == "mine"
+    assert not os.path.exists(cli["out"] / "full" / "model.pt")  # as its one line says: no checkpoint was written
+
+
 BAD = {  # case -> what the one-line message must mention
-    "ft_demo_three": "one text or a pair", "ft_eval_no_data": "pass --data FILE", "ft_no_label": "needs a 'label' column",
+    "ft_demo_three": "reads 1 text(s) (sentence), not 3: put each text in quotes",
+    "ft_demo_pair": "reads 1 text(s) (sentence), not 2", "ft_three_text_cols": "--text_cols takes a text column or two (a pair), not 3",
+    "ft_header_only": "holds no rows; pass a table: a header row, then a row per example",
+    "ft_damaged_jsonl": "Expecting ',' delimiter: line 3 column", "ft_val_share_zero": "--val_share is 0; pass --val FILE",
+    "ft_val_no_rows": "no_rows.tsv has no labelled rows", "ft_full_disk": "metrics.jsonl (No space left on device); no checkpoint",
+    "full_disk_log": "metrics.jsonl (No space left on device); no checkpoint was written",
+    "budget_and_max_steps": "--max_steps and --budget 1 (yours or the run's) both set the length",
+    "resume_budget_max_steps": "--max_steps and --budget 0.001 (yours or the run's) both set the length: pass one, or --budget 0",
+    "tok_vocab_size": "tokens, not --vocab_size; drop --vocab_size", "init_std_huge": "--init_std must be in (0, 1), not 1000",
+    "resume_finetuned": "holds a fine-tuned model, which cannot go on", "export_over_files": "already holds config.json; export overwrites nothing",
+    "eval_pretrained_cols": "are for a fine-tuned model", "ft_eval_no_data": "pass --data FILE", "ft_no_label": "needs a 'label' column",
     "ft_no_text": "two text columns", "ft_one_class": "one label only", "ft_unseen_label": "maybe, which the model was not",
     "ft_not_utf8": "not UTF-8 text: byte 0xe9 at offset 18 (line 2", "ft_empty_file": "is not a table", "ft_missing_file": "No such file",
     "ft_ckpt_classifier": "holds a fine-tuned classifier", "ft_ckpt_foreign": "not a minibert checkpoint",
@@ -1110,6 +1232,19 @@ def test_finetune_learns_a_pair_task_and_keeps_the_best_epoch(tmp_path, tok):
     assert state["labels"] == ["dark", "bright"] and state["eval"]["acc"] == max(r["acc"] for r in log) >= 0.95
     loaded = mb.load_model(str(tmp_path), "cpu")[0]
     assert isinstance(loaded, mb.Classifier) and mb.evaluate_classifier(loaded, val, "cpu")["acc"] >= 0.95
+
+
+def test_regression_learns_and_ranks_share_ties(tmp_path, tok):
+    """A number per text (STS-B's shape): from random weights, one output and squared error reach a held-out Pearson
+    correlation >= 0.95 in 40 steps; Spearman's ranks give tied values their mean rank, as scipy's spearmanr."""
+    assert mb.ranks(torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0])).tolist() == [3.0, 0.0, 1.5, 1.5, 4.0]
+    cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size(), lr=1e-2, epochs=4, batch_size=16, out=str(tmp_path))
+    rows, val = ([(t, 2.0 * y - 1) for t, y in labelled(n, seed)] for n, seed in ((160, 0), (40, 1)))
+    rows, val = (mb.encode_rows(tok, r, cfg.max_len)[0] for r in (rows, val))
+    torch.manual_seed(0)
+    mb.finetune(cfg, mb.Classifier(cfg, 1), tok, rows, val, {"labels": ["score"], "columns": ["a", "score"], "task": "regression"})
+    m = mb.load_checkpoint(str(tmp_path))[0]["eval"]
+    assert m["pearson"] >= 0.95 and m["spearman"] >= 0.8 and m["mse"] < 0.1, m  # (predicting the mean: 1.0)
 
 
 def test_encode_rows_pairs_segments_and_cuts(tok):
@@ -1279,24 +1414,30 @@ def test_export_loads_into_transformers(tmp_path, tok):
     assert (ref.seq_relationship_logits - nsp).abs().max() < 1e-4
 
 
-def test_export_of_a_classifier_gives_transformers_the_same_logits(tmp_path, tok):
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_export_of_a_classifier_gives_transformers_the_same_logits(tmp_path, tok, task):
+    """A classifier, and a regression model (one output, STS-B): the same outputs, and for regression the same loss."""
     transformers = pytest.importorskip("transformers")
     cfg = dataclasses.replace(TINY, vocab_size=tok.get_vocab_size())
+    labels = ["neg", "neutral", "pos"] if task == "classification" else ["score"]
     torch.manual_seed(0)
-    model = mb.Classifier(cfg, 3).eval()
+    model = mb.Classifier(cfg, len(labels)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg), "tokenizer": tok.to_str(),
-                "labels": ["neg", "neutral", "pos"], "columns": ["sentence", "label"]}, tmp_path / "model.pt")
+                "labels": labels, "columns": ["sentence", "label"], "task": task}, tmp_path / "model.pt")
     mb.export_hf(str(tmp_path), str(tmp_path / "hf"))
     hf, info = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    assert hf.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
-    ids, seg, _ = mb.padded(mb.encode_rows(tok, [(("the cat sat", "on the mat ."), 0), (("the dog",), 0)], 24)[0], "cpu")
+    assert hf.config.id2label == dict(enumerate(labels)) and hf.num_labels == len(labels)
+    assert hf.config.problem_type == ("regression" if task == "regression" else None)
+    y = [0, 2] if task == "classification" else [3.8, 0.4]
+    ids, seg, y = mb.padded(mb.encode_rows(tok, [(("the cat sat", "on the mat ."), y[0]), (("the dog",), y[1])], 24)[0], "cpu")
     with torch.no_grad():
-        ref = hf.eval()(input_ids=ids, token_type_ids=seg, attention_mask=(ids != PAD).long()).logits
-        assert (ref - model(ids, seg)).abs().max() < 1e-4
+        ref = hf.eval()(input_ids=ids, token_type_ids=seg, attention_mask=(ids != PAD).long(), labels=y)
+        assert (ref.logits - model(ids, seg)).abs().max() < 1e-4
+        assert abs(ref.loss - mb.classify_loss(model, ids, seg, y, len(y))[0]) < 1e-5  # cross-entropy, or squared error
 
 
 # ---------------------------------------------------------------------------- import: --init, --ckpt of a transformers BERT
