@@ -200,9 +200,59 @@ def test_training_loss_equals_the_full_computation():
     ref_mlm = torch.nn.functional.cross_entropy(logits.flatten(0, 1), full_labels.flatten())
     ref_nsp = torch.nn.functional.cross_entropy(nsp_logits, nsp)
     assert torch.allclose(stats[1], ref_mlm, atol=1e-5) and torch.allclose(stats[2], ref_nsp, atol=1e-6)
+    pred = logits.argmax(-1).gather(1, pos)  # (B, P) the plain prediction at each slot
+    labels[:, ::2] = torch.where(labels[:, ::2] == -100, -100, pred[:, ::2])  # half the slots right: 0 < acc < 1
+    acc = loss_of(model, (ids, seg, pos, labels, nsp))[1][3]
+    assert 0 < acc < 1 and torch.allclose(acc, (pred == labels).sum() / (labels != -100).sum())
     slow = torch.autograd.grad(ref_mlm + ref_nsp, list(model.parameters()))
     for (name, _), f, s in zip(model.named_parameters(), fast, slow):
         assert torch.allclose(f, s, atol=1e-6), name
+
+
+def test_cross_entropy_sum_matches_torch():
+    torch.manual_seed(0)
+    logits, target = torch.randn(11, 99, requires_grad=True), torch.randint(0, 99, (11,))
+    target[[2, 7]] = -100  # ignored, as unused prediction slots are
+    ref = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    (g_ref,) = torch.autograd.grad(3 * ref, logits)
+    ours = mb.CrossEntropySum.apply(logits, target)
+    (g,) = torch.autograd.grad(3 * ours, logits)
+    assert torch.allclose(ours, ref, atol=1e-5) and torch.allclose(g, g_ref, atol=1e-6)
+
+
+def test_cpu_dropout_masks_and_explicit_attention(monkeypatch):
+    """The CPU's cheap dropout keeps 1 - p of the elements, scaled by 1 / (1 - p), and passes the gradient through the
+    same mask; the explicit attention it uses on the CPU equals F.scaled_dot_product_attention without dropout."""
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = mb.dropout(x, 0.1, True)
+    y.sum().backward()
+    assert abs((y != 0).float().mean().item() - 0.9) < 0.002 and torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
+    assert torch.equal(x.grad, y.detach())  # d(sum y)/dx = mask / (1 - p), which is y at x = 1
+    model = mb.BERT(dataclasses.replace(TINY, dropout=0.1))
+    ids, seg, pos, _, _ = batch_of(TINY)
+    ids[0, 12:] = PAD
+    ref = model.eval()(ids, seg, pos)
+    monkeypatch.setattr(mb, "dropout", lambda x, p, training: x)
+    out = model.train()(ids, seg, pos)  # training mode on the CPU: the explicit path, here without dropout
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ref, out))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_training_steps_reuse_freed_memory():
+    """After reuse_freed_memory (train and bench call it on the CPU), a step whose MLM logits are over glibc's 32 MB
+    takes almost no new pages from the kernel once the heap has settled (without it: ~20,000 page faults a step)."""
+    import resource
+    mb.reuse_freed_memory()
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, vocab_size=16384)  # (128 x 6 slots) x 16384 floats: 50 MB of logits
+    model = mb.BERT(cfg)
+    opt, batch, faults = mb.make_optimizer(model, cfg), batch_of(cfg, B=128, T=40), []
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        mb.train_step(model, opt, mb.pretraining_loss, batch, 1e-3, cfg)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert min(faults[-2:]) < 1000, faults
 
 
 def test_training_step_traces_as_one_graph():
