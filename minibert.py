@@ -800,8 +800,8 @@ def load_tokenizer(path, lowercase=True):
         with open(path, encoding="utf-8") as f:
             vocab = json.load(f)["model"]["vocab"] if path.endswith(".json") else f.read().splitlines()
     except (OSError, ValueError, KeyError, TypeError) as e:
-        die(f"cannot read {path} ({getattr(e, 'strerror', None) or type(e).__name__}); pass a checkpoint folder, a "
-            "WordPiece tokenizer.json or a vocab.txt")
+        die(f"cannot read --tokenizer {path} ({getattr(e, 'strerror', None) or type(e).__name__}); pass a checkpoint "
+            "folder, a WordPiece tokenizer.json or a vocab.txt")
     vocab = sorted(vocab, key=vocab.get) if isinstance(vocab, dict) else vocab  # tokens in id order
     if missing := [t for t in SPECIALS if t not in vocab]:
         die(f"{path} has no {' '.join(missing)}; minibert needs BERT's {' '.join(SPECIALS)}")
@@ -1061,39 +1061,36 @@ def export_hf(folder, to):
     print(f"exported {folder} to {to}/; load it with transformers.{arch}.from_pretrained({to!r})")
 
 def load_hf(folder):
-    """A transformers BERT folder -> (state, tokenizer, config), as load_checkpoint gives: export_hf's inverse. It needs
-    config.json, model.safetensors or pytorch_model.bin (BertForPreTraining's, BertForMaskedLM's or BertModel's
-    weights) and vocab.txt or tokenizer.json; the heads it lacks start from random weights, and one line says so."""
+    """A transformers BERT folder (config.json; BertForPreTraining's, BertForMaskedLM's or BertModel's weights;
+    vocab.txt or tokenizer.json) -> (state, tokenizer, config), as load_checkpoint; export_hf's inverse."""
     path = lambda name: os.path.join(folder, name)
     try:
         conf = json.loads(Path(path("config.json")).read_text())
-        cfg = Config(**{ours: conf[theirs] for theirs, ours in HF_CONFIG.items()}, device="cpu")
-        cfg = dataclasses.replace(cfg, max_len=min(cfg.max_len, cfg.max_position))  # (fine-tuning's length)
+        cfg = Config(**{ours: conf[theirs] for theirs, ours in HF_CONFIG.items()}, device="cpu",
+                     max_len=min(Config.max_len, conf["max_position_embeddings"]))  # (fine-tuning's length)
         if os.path.isfile(path("model.safetensors")):
             from safetensors.torch import load_file
             hf = load_file(path("model.safetensors"))
         else:
             hf = torch.load(path("pytorch_model.bin"), map_location="cpu", weights_only=True)
     except Exception as e:  # missing, damaged, not a BERT's config
-        why = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
-        die(f"cannot read the transformers folder {folder} ({why}); it needs config.json, and model.safetensors or "
-            "pytorch_model.bin")
+        die(f"cannot read the transformers BERT {folder} ({getattr(e, 'strerror', None) or f'{type(e).__name__}: {e}'})"
+            "; it needs config.json, and model.safetensors or pytorch_model.bin")
     if other := [f"{k} {conf[k]}" for k, v in BERT_ONLY.items() if conf.get(k, v) != v]:
         die(f"{folder} holds another architecture ({', '.join(other)}); minibert computes BERT's: "
             + ", ".join(f"{k} {v}" for k, v in BERT_ONLY.items()))
     lowercase = True  # uncased, unless its tokenizer_config.json says otherwise (bert-base-cased)
     with suppress(OSError, ValueError, AttributeError):
         lowercase = json.loads(Path(path("tokenizer_config.json")).read_text()).get("do_lower_case", True)
-    vocab = next((path(f) for f in ("vocab.txt", "tokenizer.json") if os.path.isfile(path(f))), path("vocab.txt"))
+    vocab = next((path(f) for f in ("vocab.txt", "tokenizer.json") if os.path.isfile(path(f))), None) or die(
+        f"{folder} has no vocab.txt or tokenizer.json; put the model's vocabulary there")
     tok, order = load_tokenizer(vocab, lowercase)
     if tok.get_vocab_size() != cfg.vocab_size:
         die(f"{vocab} has {tok.get_vocab_size()} tokens, the model in {folder} {cfg.vocab_size}; put its own there")
     hf = {re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", k)): v for k, v in hf.items()}  # TF-era names
     hf = {k if k.startswith(("bert.", "cls.", "classifier.")) else f"bert.{k}": v for k, v in hf.items()}  # BertModel
-    for name, tied in (("cls.predictions.bias", "cls.predictions.decoder.bias"),  # a tied tensor is saved once,
-                       ("bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight")):  # either name
-        if tied in hf:
-            hf.setdefault(name, hf[tied])
+    if "cls.predictions.decoder.bias" in hf:  # the MLM bias is tied to the decoder's: saved under either name
+        hf.setdefault("cls.predictions.bias", hf["cls.predictions.decoder.bias"])
     torch.manual_seed(0)
     sd = BERT(cfg).state_dict()  # what the folder lacks keeps these initial weights
     ours = {k: v for k, v in from_hf_state_dict(hf, cfg).items() if k in sd}  # (a classifier's head is not BERT's)
@@ -1117,8 +1114,7 @@ def load_source(path):
     if not os.path.exists(path) and path.count("/") == 1 and not os.path.exists(path.split("/")[0]):  # a hub name
         try:
             from huggingface_hub import snapshot_download
-            files = ["*.json", "vocab.txt", "model.safetensors", "pytorch_model.bin"]
-            folder = snapshot_download(path, allow_patterns=files)
+            folder = snapshot_download(path, allow_patterns=["*.json", "vocab.txt", "*model.safetensors", "*model.bin"])
         except Exception as e:  # offline, no such model
             die(f"{path} is not a folder here, and the Hugging Face hub did not give it ({type(e).__name__}); offline, "
                 "pass a folder: a minibert checkpoint, or a transformers BERT (config.json, weights, vocab.txt)")
@@ -1215,8 +1211,6 @@ def cmd_train(args):
         init, tok, source = load_source(args.init)
         weights = {k.removeprefix("bert."): v for k, v in init["model"].items() if not k.startswith("classifier")}
         init = {"model": weights, "vocab_order": init.get("vocab_order")}  # (a fine-tuned checkpoint: its BERT)
-        if args.tokenizer:
-            die(f"--init {args.init} brings its own tokenizer; drop --tokenizer")
     if not saved and world == 1 and resolve_device(args.device or "auto") == "cpu":  # the CPU's own default recipe
         recipe = {k: v for k, v in CPU_RECIPE.items() if not (init and k in ("preset", "short_share", "init_std"))}
         chosen = {k: v for k, (v, more) in recipe.items() if all(getattr(args, f) is None for f in [k, *more])}
@@ -1233,8 +1227,8 @@ def cmd_train(args):
                 f"{getattr(saved or source, name)}, not {getattr(cfg, name)}; drop --{name}"
                 + " (or --preset)" * (name in ("layers", "hidden")))
     if args.tokenizer:
-        tok = load_tokenizer(args.tokenizer)[0] if resume is None else die("--resume goes on with the run's tokenizer; "
-                                                                        "drop --tokenizer")
+        tok = load_tokenizer(args.tokenizer)[0] if not (resume or init) else die(
+            f"{'--resume goes on with the run' if resume else '--init brings its'} own tokenizer; drop --tokenizer")
         if args.vocab_size not in (None, tok.get_vocab_size()):
             die(f"--tokenizer {args.tokenizer} has {tok.get_vocab_size()} tokens, not --vocab_size; drop --vocab_size")
     if cfg.budget and (args.max_steps or args.epochs):  # (a CPU run's default --budget 15 gives way to either)
