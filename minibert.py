@@ -1005,13 +1005,10 @@ HF_CONFIG = {"num_hidden_layers": "layers", "hidden_size": "hidden", "num_attent
 BERT_ONLY = {"model_type": "bert", "hidden_act": "gelu", "type_vocab_size": 2, "layer_norm_eps": 1e-12,
              "position_embedding_type": "absolute"}  # what minibert's layers compute (and BertConfig's defaults)
 
-def hf_pairs(cfg):
-    """(our tensor's name, [their tensors' names]) for every tensor HF_NAMES names: the fused qkv is three of theirs."""
-    for ours, theirs in HF_NAMES.items():
-        for i in range(cfg.layers if "{i}" in ours else 1):
-            for kind in ("weight", "bias"):
-                yield f"{ours.format(i=i)}.{kind}", [f"{t.format(i=i)}.{kind}" for t in
-                                                     ((theirs,) if isinstance(theirs, str) else theirs)]
+def hf_pairs(cfg):  # -> (our tensor's name, [their tensors' names]) for each of HF_NAMES: qkv is three of theirs
+    return [(f"{ours.format(i=i)}.{kind}", [f"{t.format(i=i)}.{kind}" for t in
+             ((theirs,) if isinstance(theirs, str) else theirs)]) for ours, theirs in HF_NAMES.items()
+            for i in range(cfg.layers if "{i}" in ours else 1) for kind in ("weight", "bias")]
 
 def hf_state_dict(sd, cfg):  # export: a minibert state dict -> transformers' names, the qkv split in three
     return {t: x for ours, theirs in hf_pairs(cfg) if ours in sd and ours != "decoder.weight"  # decoder: tied

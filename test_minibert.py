@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import sys
+import time
 
 import pytest
 import torch
@@ -1137,7 +1138,9 @@ def test_interrupt_while_loading_data_exits_130(monkeypatch, capsys, sig, tmp_pa
     """Ctrl-C or SIGTERM outside the loop: KeyboardInterrupt, so a file being written (the corpus cache) is removed
     (test_interrupted_write_keeps_previous_checkpoint), and exit status 130."""
     monkeypatch.chdir(tmp_path)  # (the default --out, out/, is made here, not in the project)
-    monkeypatch.setattr(mb, "read_corpus", lambda paths: os.kill(os.getpid(), getattr(signal, sig)))
+    # the signal, then a wait in which Python runs its handler (without it, the handler may run only after the
+    # lambda has returned None and held_out has failed on it: a flaky TypeError)
+    monkeypatch.setattr(mb, "read_corpus", lambda paths: [os.kill(os.getpid(), getattr(signal, sig)), time.sleep(10)])
     try:
         with pytest.raises(SystemExit) as e:
             mb.main(["train", "--data", "x.txt"])
