@@ -1010,13 +1010,6 @@ def hf_pairs(cfg):  # -> (our tensor's name, [their tensors' names]) for each of
              ((theirs,) if isinstance(theirs, str) else theirs)]) for ours, theirs in HF_NAMES.items()
             for i in range(cfg.layers if "{i}" in ours else 1) for kind in ("weight", "bias")]
 
-def hf_state_dict(sd, cfg):  # export: a minibert state dict -> transformers' names, the qkv split in three
-    return {t: x for ours, theirs in hf_pairs(cfg) if ours in sd and ours != "decoder.weight"  # decoder: tied
-            for t, x in zip(theirs, sd[ours].chunk(len(theirs)))}
-
-def from_hf_state_dict(hf, cfg):  # import: the inverse (what hf lacks is left out)
-    return {ours: torch.cat([hf[t] for t in theirs]) for ours, theirs in hf_pairs(cfg) if all(t in hf for t in theirs)}
-
 def export_hf(folder, to):
     """A folder that transformers' from_pretrained and AutoTokenizer load (minibert does not import transformers); an
     imported model's vocabulary goes back to its own order (BERT's [UNK] at 100): the tensors it was loaded from."""
@@ -1049,7 +1042,9 @@ def export_hf(folder, to):
     tok.save(os.path.join(to, "tokenizer.json"))  # and vocab.txt, for the slow BertTokenizer:
     Path(to, "vocab.txt").write_text("".join(f"{t}\n" for t in vocab), "utf-8")
     from safetensors.torch import save_file
-    hf = hf_state_dict({k.removeprefix("bert."): v for k, v in sd.items()}, cfg)  # (a Classifier's BERT is .bert)
+    sd = {k.removeprefix("bert."): v for k, v in sd.items()}  # (a Classifier's BERT is .bert)
+    hf = {t: x for ours, theirs in hf_pairs(cfg) if ours in sd and ours != "decoder.weight"  # decoder: tied
+          for t, x in zip(theirs, sd[ours].chunk(len(theirs)))}  # our names -> theirs, the qkv split in three
     for name in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias"):  # rows in the file's order
         hf[name] = hf[name][back]
     weights = {k: v.float().contiguous().clone() for k, v in hf.items() if not (labels and k.startswith("cls."))}
@@ -1090,7 +1085,8 @@ def load_hf(folder):
         hf.setdefault("cls.predictions.bias", hf["cls.predictions.decoder.bias"])
     torch.manual_seed(0)
     sd = BERT(cfg).state_dict()  # what the folder lacks keeps these initial weights
-    ours = {k: v for k, v in from_hf_state_dict(hf, cfg).items() if k in sd}  # (a classifier's head is not BERT's)
+    ours = {k: torch.cat([hf[t] for t in theirs]) for k, theirs in hf_pairs(cfg)  # export's renaming, backwards;
+            if k in sd and all(t in hf for t in theirs)}  # (a classifier's head is not BERT's)
     lacks = {k: t[0].rsplit(".", 1)[0] for k, t in hf_pairs(cfg) if k in sd.keys() - ours - {"decoder.weight"}}
     if encoder := [v for k, v in lacks.items() if not k.startswith(("pool", "nsp_head", "mlm_", "decoder."))]:
         die(f"{folder} has no {', '.join(dict.fromkeys(encoder))}: not a BERT's weights")
@@ -1395,7 +1391,8 @@ def main(argv=None):
                    "all numbers, not all integers (STS-B: one output, squared error), else classification")
     f.add_argument("--scratch", action="store_true", help="random weights: the baseline for what pretraining buys")
     for q in (d, e, x, f):
-        q.add_argument("--ckpt", default="out", metavar="DIR", help="checkpoint folder (default out)")
+        q.add_argument("--ckpt", default="out", metavar="DIR", help="a checkpoint, a transformers BERT folder or hub "
+                       "name (default out)")
     for q in (d, e):
         q.add_argument("--device", choices=DEVICES, default="auto")
     args = p.parse_args(argv)
