@@ -177,8 +177,7 @@ def make_pairs(corpus, doc_ids, max_len, seed, short_seq_prob=0.1):
     return torch.tensor(pairs, dtype=torch.int64).view(-1, 5)
 
 def cut_long(corpus, n):
-    """Corpus' offsets with each sentence of over n tokens cut into pieces of n, so that lower-cased or unpunctuated
-    text pairs whole, as google-research/bert cuts over-long segments. -> sentence, document offsets (Python ints)."""
+    """Corpus' offsets, sentences over n tokens cut in pieces of n (unpunctuated text pairs too). -> S, D (int lists)"""
     lens = corpus.sents.diff()  # (S,) each sentence's tokens
     k = (lens + n - 1) // n  # (S,) its pieces
     first = F.pad(k.cumsum(0), (1, 0))  # (S + 1,) its first piece
@@ -203,8 +202,7 @@ def truncate_pair(a0, a1, b0, b1, max_tokens, rng):
     return a0, a1, b0, b1
 
 def epoch_pairs(corpus, docs, cfg, epoch, n, pairs0):
-    """New pairs each epoch, in a new order, as the paper's code makes 10 differently paired copies (fixed pairs let NSP
-    memorise a small corpus); a function of (seed, epoch), as a resume needs. -> (n, 5), repeated or cut to n."""
+    """New pairs each epoch (fixed ones let NSP memorise), from (seed, epoch) for resumes. -> (n, 5), repeated or cut"""
     if epoch or pairs0 is None:  # pairs0: epoch 0's, if made
         pairs0 = make_pairs(corpus, docs, cfg.max_len, cfg.seed + epoch, cfg.short_seq_prob)
     order = torch.randperm(len(pairs0), generator=torch.Generator().manual_seed(cfg.seed + 1000 + epoch))
@@ -243,16 +241,14 @@ def mask_tokens(ids, vocab_size, gen, mask_prob=0.15):
 # ----------------------------------------------------------------------------- model
 
 def dropout(x, p, training):
-    """F.dropout; on the CPU, where torch draws a random number per element (dearer than tiny's matmuls), one 64-bit
-    draw gives four 15-bit ones (P(keep) = 1 - p to within 2^-15; tested): forward and backward 1.6x faster."""
+    """F.dropout; on the CPU one 64-bit draw makes four 15-bit ones, not one each (P(keep) within 2^-15): 1.6x faster"""
     if not training or p == 0 or x.device.type != "cpu":  # a GPU uses torch's own
         return F.dropout(x, p, training)
     bits = torch.randint(0, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64).view(torch.int16)[: x.numel()]
     return torch.where((bits & 0x7FFF).view(x.shape) >= round(p * 32768), x / (1 - p), 0.0)
 
 def attention(q, k, v, mask, p):
-    """softmax(q k^T / sqrt(hs)) v over the keys mask allows, dropout p on the weights. On the CPU with dropout, written
-    out to use dropout() (torch's own falls back to these steps, with its per-element draws); else torch's kernel."""
+    """softmax(q k^T / sqrt(hs)) v over the keys mask allows; on the CPU with dropout p, written out to use dropout"""
     if p == 0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, Tq, hs)
     att = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).masked_fill(~mask, float("-inf"))  # (B, nh, Tq, T)
@@ -346,8 +342,7 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6, fused=True)  # honours found_inf
 
 def reuse_freed_memory():
-    """On Linux, keep freed memory for reuse: glibc maps each block over 32 MB (the MLM logits, their gradient) fresh
-    from the kernel and hands it back when freed, ~20,000 page faults a step on tiny: its CPU step ~15 % slower."""
+    """glibc maps each block over 32 MB (the logits) fresh and frees it: ~20,000 page faults a tiny step, 15 % of it."""
     with suppress(OSError, AttributeError):  # (not glibc)
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the heap
@@ -390,8 +385,7 @@ def pretraining_loss(model, ids, seg, pos, labels, nsp, n_mlm, n_seq):
     return mlm + nsp_loss, torch.stack([mlm + nsp_loss, mlm, nsp_loss, mlm_acc, nsp_acc]).detach()
 
 def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1, norms=None):
-    """One optimizer step on a batch (the same on every rank): this rank's share in grad_accum micro-batches, clip,
-    AdamW. norms: the whole batch's counts loss_fn divides by. -> loss_fn's stats, and 1.0 if the step was skipped."""
+    """This rank's share of the batch in grad_accum micro-batches, clip, AdamW. -> stats, and 1.0 if it was skipped."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     B = len(batch[0])  # batch: the whole batch, the same on every rank (pretraining's: ids, seg, pos, labels, nsp)
@@ -410,8 +404,7 @@ def train_step(model, optimizer, loss_fn, batch, lr, cfg, rank=0, world=1, norms
     return stats, optimizer.found_inf  # both stay on the device
 
 def train(cfg, tok, corpus, train_docs, val_pairs, resume=None, stop_at=None, pairs0=None, meta={}, init=None):
-    """The loop, over the documents train_docs (indices) of a Corpus; val_pairs: held-out pairs, or None; pairs0: epoch
-    0's pairs if made; meta: more for the checkpoint (the data's files and hash); init: a state to start from."""
+    """The loop, over train_docs (indices into corpus); pairs0: epoch 0's pairs; init: a state to start from."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     say = print if rank == 0 else (lambda *a, **k: None)  # torchrun: rank 0 alone prints, evaluates and saves
     device, B, T = torch.device(cfg.device), cfg.batch_size, cfg.max_len
@@ -565,8 +558,7 @@ def evaluate(model, tokens, pairs, cfg, batch_size=64):
             "top_share": float(counts.max() / n)}  # near 1: one token predicted everywhere
 
 def health_warning(history, m):
-    """A warning if evaluation m shows the run collapsing or diverging, else None. The plateau before MLM accuracy
-    climbs (one token, "the" or ",", predicted almost everywhere, for epochs) is normal; a collapse returns to it."""
+    """A warning if m shows a collapse (back to the plateau's one token everywhere, after leaving it) or divergence."""
     if not math.isfinite(m["mlm_loss"]):
         return f"the held-out MLM loss is {m['mlm_loss']}: these weights are not saved; lower --lr"
     best_acc = max([h["mlm_acc"] for h in history if h["top_share"] <= 0.9] or [0])
@@ -759,8 +751,7 @@ def pairs_or_die(corpus, docs, cfg, seed):
                                         "of two sentences or more")
 
 def cached_corpus(tok, docs, folder, save=True):
-    """encode_corpus, cached in folder/corpus-KEY.pt (best effort); a damaged cache is rebuilt. -> (Corpus, cached?,
-    the text's hash: a checkpoint keeps it, so that --resume knows its text)"""
+    """encode_corpus, cached in folder/corpus-KEY.pt (best effort). -> Corpus, cached?, the text's hash (--resume's)"""
     h = hashlib.sha256()
     for d in docs:
         h.update("\n".join(d).encode() + b"\0")
@@ -792,8 +783,7 @@ def load_checkpoint(folder):
         die(f"{path} is not a minibert checkpoint ({type(e).__name__}); retrain, or point --ckpt at another folder")
 
 def load_tokenizer(path, lowercase=True):
-    """--tokenizer: a checkpoint, a tokenizer.json (WordPiece, as export writes) or a vocab.txt -> a tokenizer with the
-    specials at 0..4, and order: our id i is the file's id order[i] (BERT's vocab.txt has [UNK] at 100), or None."""
+    """A checkpoint, tokenizer.json or vocab.txt -> tokenizer (specials at 0..4), order (our id i: file's order[i])"""
     if os.path.isdir(path) or path.endswith(".pt"):  # a minibert checkpoint: its folder or model.pt
         return load_checkpoint(path)[1], None
     try:
@@ -872,8 +862,7 @@ def padded(rows, device):
     return tuple(torch.tensor(t, device=device) for t in (ids, seg, [y for _, y in rows]))
 
 def classify_loss(model, ids, seg, y, n):
-    """Cross-entropy, or for a float y (regression: one output) squared error, summed over the batch, over n (as
-    pretraining_loss). -> the loss, and (loss, accuracy), or (loss,)."""
+    """Cross-entropy, or squared error for a float y (regression), summed, over n. -> loss, (loss, acc) or (loss,)"""
     with autocast(ids.device):
         logits = model(ids, seg).float()  # (B, labels)
     if y.is_floating_point():  # as BertForSequenceClassification with num_labels 1
@@ -885,7 +874,6 @@ def classify_loss(model, ids, seg, y, n):
 def ranks(v):  # (N,) -> (N,) each value's rank from 0; tied values share their mean rank, as Spearman's needs
     _, group, count = v.unique(return_inverse=True, return_counts=True)  # by distinct value, in order
     return (count.cumsum(0) - (count + 1) / 2)[group]  # (N,)
-
 correlation = lambda a, b: torch.corrcoef(torch.stack([a, b]))[0, 1].item()  # Pearson's, of two (N,) tensors
 
 @torch.no_grad()
@@ -905,8 +893,7 @@ def evaluate_classifier(model, rows, device):
 scores = lambda m: " | ".join(f"{k} {v:.4f}" for k, v in m.items())  # "loss 0.4012 | acc 0.8125"
 
 def finetune(cfg, model, tok, rows, val, meta, stop_at=None):
-    """Train a Classifier on rows (train_step, lr_at); evaluate on val after each epoch; keep the best (accuracy, or
-    for regression the least squared error), with meta."""
+    """Train a Classifier on rows; evaluate on val each epoch; keep the best (regression: least error), with meta."""
     device, B, N = torch.device(cfg.device), cfg.batch_size, len(rows)
     optimizer, gen = make_optimizer(model.to(device).train(), cfg), torch.Generator().manual_seed(cfg.seed)
     total, step, best = cfg.epochs * math.ceil(N / B), 0, None
@@ -986,15 +973,14 @@ def bench(cfg, steps=20, warmup=5):
 
 # ----------------------------------------------------------------------------- transformers' BERT: export and import
 
+LAYER = "bert.encoder.layer.{i}."  # transformers' name of layer i
 HF_NAMES = {  # minibert module -> transformers' BertForPreTraining module(s) ({i}: layer index), both ways
     "tok_emb": "bert.embeddings.word_embeddings", "pos_emb": "bert.embeddings.position_embeddings",
     "seg_emb": "bert.embeddings.token_type_embeddings", "emb_ln": "bert.embeddings.LayerNorm",
-    "layers.{i}.qkv": tuple(f"bert.encoder.layer.{{i}}.attention.self.{n}" for n in ("query", "key", "value")),
-    "layers.{i}.proj": "bert.encoder.layer.{i}.attention.output.dense",
-    "layers.{i}.ln1": "bert.encoder.layer.{i}.attention.output.LayerNorm",
-    "layers.{i}.fc1": "bert.encoder.layer.{i}.intermediate.dense",
-    "layers.{i}.fc2": "bert.encoder.layer.{i}.output.dense",
-    "layers.{i}.ln2": "bert.encoder.layer.{i}.output.LayerNorm", "pool": "bert.pooler.dense",
+    "layers.{i}.qkv": tuple(LAYER + f"attention.self.{n}" for n in ("query", "key", "value")),
+    "layers.{i}.proj": LAYER + "attention.output.dense", "layers.{i}.ln1": LAYER + "attention.output.LayerNorm",
+    "layers.{i}.fc1": LAYER + "intermediate.dense", "layers.{i}.fc2": LAYER + "output.dense",
+    "layers.{i}.ln2": LAYER + "output.LayerNorm", "pool": "bert.pooler.dense",
     "nsp_head": "cls.seq_relationship", "mlm_dense": "cls.predictions.transform.dense",
     "mlm_ln": "cls.predictions.transform.LayerNorm", "decoder": "cls.predictions",  # its weight is tok_emb's
     "classifier": "classifier"}  # a Classifier's head, as BertForSequenceClassification names it
@@ -1011,8 +997,7 @@ def hf_pairs(cfg):  # -> (our tensor's name, [their tensors' names]) for each of
             for i in range(cfg.layers if "{i}" in ours else 1) for kind in ("weight", "bias")]
 
 def export_hf(folder, to):
-    """A folder that transformers' from_pretrained and AutoTokenizer load (minibert does not import transformers); an
-    imported model's vocabulary goes back to its own order (BERT's [UNK] at 100): the tensors it was loaded from."""
+    """A folder that transformers loads; an imported model's vocabulary goes back to its own order ([UNK] at 100)."""
     model, tok, cfg, state = load_model(folder, "cpu")  # another version's checkpoint: one line, nothing written
     labels, sd = state.get("labels"), model.state_dict()
     arch = "BertForSequenceClassification" if labels else "BertForPreTraining"  # the first without "cls." heads
@@ -1027,8 +1012,7 @@ def export_hf(folder, to):
     vocab = [tok.id_to_token(i) for i in back.tolist()]  # in the file's order
     config = {"architectures": [arch], **BERT_ONLY, **{k: getattr(cfg, v) for k, v in HF_CONFIG.items()},
               "pad_token_id": vocab.index("[PAD]"), "tie_word_embeddings": True}
-    if state.get("task") == "regression":
-        config["problem_type"] = "regression"  # (num_labels 1)
+    config |= {"problem_type": "regression"} if state.get("task") == "regression" else {}  # (num_labels 1)
     if labels:
         config |= {"id2label": dict(enumerate(labels)), "label2id": {v: i for i, v in enumerate(labels)}}
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_len,  # as trained
@@ -1053,8 +1037,7 @@ def export_hf(folder, to):
     print(f"exported {folder} to {to}/; load it with transformers.{arch}.from_pretrained({to!r})")
 
 def load_hf(folder):
-    """A transformers BERT folder (config.json; BertForPreTraining's, BertForMaskedLM's or BertModel's weights;
-    vocab.txt or tokenizer.json) -> (state, tokenizer, config), as load_checkpoint; export_hf's inverse."""
+    """A transformers BERT folder -> (state, tokenizer, config), as load_checkpoint gives: export_hf's inverse."""
     path = lambda name: os.path.join(folder, name)
     try:
         conf = json.loads(Path(path("config.json")).read_text())
@@ -1100,8 +1083,7 @@ def load_hf(folder):
     return {"model": sd, "vocab_order": order, "hf": folder}, tok, cfg
 
 def load_source(path):
-    """--ckpt and --init: a minibert checkpoint (folder or model.pt), a transformers BERT folder, or (online) a hub
-    name such as google/bert_uncased_L-2_H-128_A-2 -> (state, tokenizer, config)."""
+    """--ckpt, --init: a minibert checkpoint, a transformers BERT folder or a hub name -> (state, tokenizer, config)"""
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "model.pt")):
         return load_hf(path)
     if not os.path.exists(path) and path.count("/") == 1 and not os.path.exists(path.split("/")[0]):  # a hub name
@@ -1192,9 +1174,8 @@ def cmd_train(args):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out, resume, saved, init, source = args.out or Config.out, None, None, None, None
     if args.resume:
-        if args.init:
-            die("--resume goes on with the run in --out, --init starts a new one: drop one of them")
-        resume, tok, saved = load_checkpoint(out)
+        resume, tok, saved = load_checkpoint(out) if not args.init else die("--resume goes on with the run in --out, "
+                                                                            "--init starts a new one: drop one of them")
         args.data = args.data or resume.get("data")  # the run's files (none: the hub's dataset)
         if "labels" in resume:  # (a fine-tuned model keeps no optimizer, no step)
             die(f"{out}/ holds a fine-tuned model, which cannot go on; --resume goes on with a train run's --out")
