@@ -98,7 +98,7 @@ PAD, UNK, CLS, SEP, MASK = range(len(SPECIALS))
 # ----------------------------------------------------------------------------- tokenizer
 
 def wordpiece(vocab=None, lowercase=True):
-    """BERT's uncased WordPiece tokenizer; vocab: {token: id}, or None for one to train."""
+    """BERT's WordPiece tokenizer (uncased unless lowercase=False); vocab: {token: id}, or None for one to train."""
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)  # lower-case and strip accents
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # split on spaces and punctuation
